@@ -1,0 +1,10 @@
+"""Triton kernels of Fed-PLoRA, each with a plain-torch reference beside it.
+
+Depends on torch and triton only. Note: this import name is shared with Hugging Face's ``kernels``
+package; transformers and bitsandbytes probe for that package, and this one deliberately offers
+none of its API, so they fall back to their own paths (tested in ``tests/test_ecosystem.py``).
+"""
+
+from .plora_linear import plora_linear, plora_linear_reference
+
+__all__ = ["plora_linear", "plora_linear_reference"]

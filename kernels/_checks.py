@@ -1,0 +1,101 @@
+"""Argument validation shared by the kernels: clear errors that name the argument and what was expected.
+
+Every check runs before anything is written, so a rejected call never leaves a tensor half-updated.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+
+import torch
+
+from ._runtime import FLOAT_DTYPES
+
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    """``value`` is a tensor with ``ndim`` (or at least ``min_ndim``) dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtype(name: str, value: torch.Tensor, expected: torch.dtype | None = None) -> None:
+    """``value`` is fp32/fp16/bf16 and, when given, of dtype ``expected``."""
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {value.dtype}")
+    if expected is not None and value.dtype != expected:
+        raise TypeError(f"{name} must have dtype {expected} (the dtype of x), got {value.dtype}")
+
+
+def check_same_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {value.device}")
+
+
+def check_scale(name: str, value) -> float:
+    """A finite real number (Python or 0-d tensor on any device is rejected: it would need a sync)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_adapter_shapes(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, int, int]:
+    """``weight [N, K]``, ``lora_a [R, K]``, ``lora_b [N, R]``; returns ``(N, K, R)``."""
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_a", lora_a, ndim=2)
+    check_tensor("lora_b", lora_b, ndim=2)
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    if lora_a.shape[1] != k:
+        raise ValueError(f"lora_a must have shape [R, K] = [R, {k}] (K from weight [N, K]), got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (n, r):
+        raise ValueError(
+            f"lora_b must have shape [N, R] = [{n}, {r}] (N from weight, R from lora_a), got {tuple(lora_b.shape)}"
+        )
+    if r == 0:
+        raise ValueError("lora_a must hold at least one module (R >= 1), got R = 0")
+    return n, k, r
+
+
+# Index tensors already validated: id -> (weakref, version counter, rank). A module's index tensor is
+# normally reused step after step, so its values are read back (a device-to-host copy) only the first
+# time, and again after an in-place change bumps its version counter.
+_VALIDATED_INDICES: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def check_indices(name: str, indices, rank: int, device: torch.device) -> torch.Tensor:
+    """A 1-D integer tensor on ``device`` of distinct module indices in ``[0, rank)`` (may be empty)."""
+    check_tensor(name, indices, ndim=1)
+    if indices.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of module indices, got dtype {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {indices.device}")
+    if indices.numel() > rank:
+        raise ValueError(f"{name} has {indices.numel()} entries but there are only R = {rank} modules")
+    cached = _VALIDATED_INDICES.get(id(indices))
+    if cached is not None and cached[0]() is indices and cached[1] == indices._version and cached[2] == rank:
+        return indices
+    if indices.numel():
+        values = indices.detach().to("cpu", torch.int64)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= rank:
+            raise ValueError(f"{name} must hold module indices in [0, {rank}), got values from {low} to {high}")
+        if torch.unique(values).numel() != values.numel():
+            raise ValueError(f"{name} must not repeat a module index, got {values.tolist()}")
+    _VALIDATED_INDICES[id(indices)] = (weakref.ref(indices, _forget(id(indices))), indices._version, rank)
+    return indices
+
+
+def _forget(key: int):
+    return lambda _ref: _VALIDATED_INDICES.pop(key, None)

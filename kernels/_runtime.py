@@ -1,0 +1,51 @@
+"""Facts about how Triton runs here, shared by every kernel in the package.
+
+``INTERPRET`` is read once, at import: Triton decides at decoration time whether ``@triton.jit``
+builds GPU code or runs through its numpy interpreter, so the flag must be set before this package
+is imported (``tests/conftest.py`` does it on machines without CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Dtypes every kernel accepts for activations, weights and adapters.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: Smallest padded rank: ``tl.dot`` needs every dimension >= 16.
+MIN_RANK_BUCKET = 16
+
+
+def upcast_in_kernel(dtype: torch.dtype) -> bool:
+    """Whether kernels must compute on fp32 copies of ``dtype`` loads.
+
+    The interpreter computes bf16 on raw bit patterns (silently wrong) and does fp16 dots at half
+    precision, so there every 16-bit load is cast to fp32 at once; compiled kernels keep the native
+    16-bit operands for the tensor cores.
+    """
+    return INTERPRET and dtype in (torch.float16, torch.bfloat16)
+
+
+def rank_bucket(count: int) -> int:
+    """Padded rank for ``count`` active modules: a power of two, at least 16.
+
+    Kernels are specialised on the bucket only, never on the count or the indices, so any active set
+    of the same bucket reuses the compiled kernel.
+    """
+    return max(MIN_RANK_BUCKET, triton.next_power_of_2(max(count, 1)))
+
+
+def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
+    """The GPU search space, or the single config the interpreter can run (autotuning fails there)."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context that makes ``tensor``'s CUDA device current for a launch (a no-op on CPU)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

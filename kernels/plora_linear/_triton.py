@@ -1,0 +1,290 @@
+"""Triton kernels of the fused PLoRA linear op and their launchers.
+
+Three kernels cover the forward and the backward (DESIGN.md §3):
+
+* ``shrink``: ``t = scale · X G_actᵀ``, a thin ``[M, P]`` product whose rows of ``G`` are gathered
+  through the active-index tensor (``x A_actᵀ`` in the forward, ``s · dy B_act`` in the backward);
+* ``gemm_with_slab``: ``Y = X Wᵀ + slab_scale · T G_actᵀ (+ bias)``, the main GEMM whose
+  accumulator is seeded by the low-rank slab (forward ``y``, backward ``dx``);
+* ``reduce_over_m``: partial sums over row splits of ``Xᵀ T`` (``dyᵀ t`` for ``dB``, ``xᵀ dt`` for
+  ``dA``).
+
+The active set enters only as a device tensor of indices plus its length ``r`` (never specialised,
+never read on the host); shapes are padded to the rank bucket ``P`` (a constexpr power of two >= 16),
+so changing the active set within a bucket never recompiles. Matrices are addressed through strides,
+so transposed or otherwise non-contiguous operands need no copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import INTERPRET, autotune_configs, device_guard, upcast_in_kernel
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands use exact fp32 products (torch's default for fp32 matmul), never tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------
+# shrink: t[M, P] = scale * X[M, K] @ G[idx, :]ᵀ  (padded columns p >= r are written as zeros)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]
+        ],
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}),
+    ),
+    key=["K", "P"],
+)
+@triton.jit(do_not_specialize=["r"])
+def _shrink_kernel(
+    x_ptr, g_ptr, idx_ptr, t_ptr,
+    M, K, r, scale,
+    stride_xm, stride_xk, stride_g_idx, stride_g_k, stride_tm,
+    P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, P)
+    active = offs_p < r
+    rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_M, P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        g = tl.load(
+            g_ptr + rows[None, :] * stride_g_idx + offs_k[:, None] * stride_g_k,
+            mask=active[None, :] & mask_k[:, None],
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(x, g, acc, input_precision=DOT_PRECISION)
+    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], acc * scale, mask=mask_m[:, None])
+
+
+def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tensor, bucket: int, scale: float):
+    """``scale · x[M, K] @ G_actᵀ`` as fp32 ``[M, bucket]``; module ``j`` of ``g`` is ``g.select(g_rows_dim, j)``."""
+    m, k = x.shape
+    t = torch.empty((m, bucket), device=x.device, dtype=torch.float32)
+    stride_g_idx, stride_g_k = g.stride(g_rows_dim), g.stride(1 - g_rows_dim)
+    with device_guard(x):
+        _shrink_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+            x, g, active, t,
+            m, k, active.numel(), scale,
+            x.stride(0), x.stride(1), stride_g_idx, stride_g_k, t.stride(0),
+            P=bucket, UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        )  # fmt: skip
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# gemm_with_slab: Y[M, N] = X[M, K] @ W[N, K]ᵀ + slab_scale * T[M, P] @ G[idx, N-range]ᵀ (+ bias)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [
+                (128, 256, 64, 8, 3),
+                (256, 128, 64, 8, 3),
+                (128, 128, 64, 8, 4),
+                (128, 128, 64, 4, 4),
+                (64, 256, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+                (64, 64, 64, 4, 4),
+            ]
+        ],
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
+    ),
+    key=["M", "N", "K", "P", "HAS_SLAB"],
+)
+@triton.jit(do_not_specialize=["r"])
+def _gemm_with_slab_kernel(
+    x_ptr, w_ptr, t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
+    M, N, K, r, slab_scale,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_g_idx, stride_g_n, stride_ym, stride_yn,
+    P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped ordering of output tiles, so that consecutive programs share rows of X in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_SLAB:
+        # Seed the accumulator with the low-rank term: one extra K-slab of width P.
+        offs_p = tl.arange(0, P)
+        active = offs_p < r
+        rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], mask=mask_m[:, None], other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_g_idx + offs_n[None, :] * stride_g_n,
+            mask=active[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            g = g.to(tl.float32)
+        acc = tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemm_with_slab(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    t: torch.Tensor | None,
+    g: torch.Tensor,
+    g_rows_dim: int,
+    active: torch.Tensor,
+    slab_scale: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x[M, K] @ w[N, K]ᵀ + slab_scale · t[M, P] @ G_actᵀ (+ bias)`` in x's dtype, ``[M, N]``.
+
+    Module ``j`` of ``g`` is ``g.select(g_rows_dim, j)``, a vector of length N. ``t=None`` skips the slab.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    bucket = t.shape[1] if t is not None else 16
+    with device_guard(x):
+        _gemm_with_slab_kernel[
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        ](
+            x, w, t if t is not None else x, g, active, bias if bias is not None else x, y,
+            m, n, k, active.numel(), slab_scale,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            t.stride(0) if t is not None else 0, g.stride(g_rows_dim), g.stride(1 - g_rows_dim),
+            y.stride(0), y.stride(1),
+            P=bucket, HAS_SLAB=t is not None, HAS_BIAS=bias is not None,
+            UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        )  # fmt: skip
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# reduce_over_m: out[S, ROWS, P] partial sums of X[M, ROWS]ᵀ @ T[M, P] over S splits of M
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        [
+            triton.Config({"BLOCK_ROWS": br, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+            for br, bm, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]
+        ],
+        triton.Config({"BLOCK_ROWS": 64, "BLOCK_M": 64}),
+    ),
+    key=["ROWS", "P", "M_PER_SPLIT"],
+)
+@triton.jit
+def _reduce_over_m_kernel(
+    x_ptr, t_ptr, out_ptr,
+    M, ROWS, M_PER_SPLIT,
+    stride_xm, stride_xr, stride_tm, stride_os, stride_or,
+    P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs_p = tl.arange(0, P)
+    mask_r = offs_r < ROWS
+    m_start = pid_s * M_PER_SPLIT
+    m_end = tl.minimum(M, m_start + M_PER_SPLIT)
+    acc = tl.zeros((BLOCK_ROWS, P), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        xt = tl.load(
+            x_ptr + offs_r[:, None] * stride_xr + offs_m[None, :] * stride_xm,
+            mask=mask_r[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], mask=mask_m[:, None], other=0.0)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        acc = tl.dot(xt, t.to(xt.dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_p[None, :], acc, mask=mask_r[:, None])
+
+
+def _num_splits(m: int, rows: int, device: torch.device) -> int:
+    """Splits of M that fill the GPU (about two programs per SM); one in the interpreter."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(rows, 128)
+    return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(m, 256), 64))
+
+
+def reduce_over_m(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``x[M, ROWS]ᵀ @ t[M, P]`` in fp32, ``[ROWS, P]``, reduced over deterministic splits of M."""
+    m, rows = x.shape
+    bucket = t.shape[1]
+    splits = _num_splits(m, rows, x.device)
+    # Splits are a multiple of 256 rows, so the autotuner's BLOCK_M always divides them.
+    m_per_split = triton.cdiv(triton.cdiv(m, splits), 256) * 256
+    splits = triton.cdiv(m, m_per_split)
+    partial = torch.empty((splits, rows, bucket), device=x.device, dtype=torch.float32)
+    with device_guard(x):
+        _reduce_over_m_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]), splits)](
+            x, t, partial,
+            m, rows, m_per_split,
+            x.stride(0), x.stride(1), t.stride(0), partial.stride(0), partial.stride(1),
+            P=bucket, UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        )  # fmt: skip
+    return partial[0] if splits == 1 else partial.sum(0)

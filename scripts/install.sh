@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: torch first (the CPU wheel where no torch is present, so that
+# no CUDA packages are pulled), then this project with its test extras, editable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
