@@ -1,0 +1,118 @@
+"""Shared pieces of the benchmarks: environment record, CUDA-synchronised timing, JSON results."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+def environment() -> dict:
+    """Device and versions, recorded with every result."""
+    import triton
+
+    info = {
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if on_gpu():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            device=props.name,
+            sm_count=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        )
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation: what pytest-benchmark should time."""
+
+    def call() -> None:
+        fn()
+        synchronize()
+
+    return call
+
+
+def median_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on a GPU (``do_bench``), host clock otherwise."""
+    if on_gpu():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
+    """``torch.cuda.max_memory_allocated`` over one call of ``fn`` above what was allocated before."""
+    if not on_gpu():
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write ``payload`` plus the environment to ``bench/results/<name>-<device>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    device_tag = env["device"].replace(" ", "-").lower()
+    path = RESULTS_DIR / f"{name}-{device_tag}.json"
+    path.write_text(json.dumps({"environment": env, **payload}, indent=2) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Plain-text table of ``rows`` restricted to ``columns`` (floats to 3 significant digits)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return "-" if value is None else str(value)
+
+    grid = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(columns))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in grid]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
