@@ -12,7 +12,7 @@ from .._checks import (
     check_scale,
     check_tensor,
 )
-from .._runtime import rank_bucket
+from .._runtime import INTERPRET, rank_bucket
 from ._triton import gemm_with_slab, reduce_over_m, shrink
 from .naive import plora_linear_reference
 
@@ -85,6 +85,10 @@ def plora_linear(
     Returns:
         ``[..., N]`` in x's dtype, computed with fp32 accumulation.
 
+    CUDA tensors run the Triton kernels; so do CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+    Other CPU tensors take the plain-torch path (``plora_linear_reference``), since Triton cannot
+    launch there.
+
     Gradients flow to ``x``, ``lora_a`` and ``lora_b`` through the Triton kernels; rows of ``lora_a``
     and columns of ``lora_b`` outside ``active`` get exactly zero. The base weight is meant to be
     frozen: if it does require grad, ``dW = dyᵀ x`` is computed with a plain torch matmul (an
@@ -109,7 +113,9 @@ def plora_linear(
 
     leading = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if x2.shape[0] == 0:  # nothing to launch; torch handles the empty product and its autograd
+    if x2.shape[0] == 0 or not (x.is_cuda or INTERPRET):
+        # Nothing to launch, or CPU tensors with no Triton interpreter: Triton cannot run here, so
+        # the plain-torch path computes the same function (and zero gradients for inactive modules).
         return plora_linear_reference(x, weight, lora_a, lora_b, active, scale, bias)
     y = _PLoRALinearFunction.apply(x2, weight, lora_a, lora_b, active, scale, bias)
     return y.reshape(*leading, n)
