@@ -57,14 +57,14 @@ def check_adapter_shapes(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     check_tensor("lora_b", lora_b, ndim=2)
     n, k = weight.shape
     r = lora_a.shape[0]
+    if r == 0:
+        raise ValueError("lora_a must hold at least one module (R >= 1), got R = 0")
     if lora_a.shape[1] != k:
         raise ValueError(f"lora_a must have shape [R, K] = [R, {k}] (K from weight [N, K]), got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(
             f"lora_b must have shape [N, R] = [{n}, {r}] (N from weight, R from lora_a), got {tuple(lora_b.shape)}"
         )
-    if r == 0:
-        raise ValueError("lora_a must hold at least one module (R >= 1), got R = 0")
     return n, k, r
 
 

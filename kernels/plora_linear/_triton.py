@@ -23,7 +23,9 @@ import triton.language as tl
 
 from .._runtime import INTERPRET, autotune_configs, device_guard, upcast_in_kernel
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+#: Launch arguments that carry the active set. Triton would specialise an int on being 1 or a multiple
+#: of 16, and a pointer on its alignment; these are exempt, so no active set ever triggers a compile.
+ACTIVE_SET_ARGS = ["idx_ptr", "r"]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -46,7 +48,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     ),
     key=["K", "P"],
 )
-@triton.jit(do_not_specialize=["r"])
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _shrink_kernel(
     x_ptr, g_ptr, idx_ptr, t_ptr,
     M, K, r, scale,
@@ -119,7 +121,7 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
     ),
     key=["M", "N", "K", "P", "HAS_SLAB"],
 )
-@triton.jit(do_not_specialize=["r"])
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _gemm_with_slab_kernel(
     x_ptr, w_ptr, t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
     M, N, K, r, slab_scale,

@@ -20,9 +20,7 @@ def plora_linear_reference(
     indices, bias ``[N]``; returns ``[..., N]``. Differentiable by autograd in every tensor argument.
     """
     index = active.long()
-    y = x @ weight.T
-    if index.numel():
-        y = y + scale * ((x @ lora_a[index].T) @ lora_b[:, index].T)
+    y = x @ weight.T + scale * ((x @ lora_a[index].T) @ lora_b[:, index].T)
     if bias is not None:
         y = y + bias
     return y
