@@ -1,0 +1,97 @@
+"""Drive the fused-op benchmark, print the table of ratios and write ``bench/results/plora_linear-<device>.json``.
+
+    python -m bench.plora_linear            # full GPU grid, or a smoke run through the interpreter on CPU
+    python -m bench.plora_linear -k M2048   # extra arguments go to pytest (select cases)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from bench.common import format_table, on_gpu, write_result
+
+BENCH_FILE = Path(__file__).resolve().parent / "bench_plora_linear.py"
+
+
+def _time_ms(entry: dict) -> float:
+    """CUDA-event median where measured (GPU), else pytest-benchmark's synchronised median."""
+    events = entry["extra_info"].get("median_ms_events")
+    return events if events is not None else entry["stats"]["median"] * 1e3
+
+
+def summarise(benchmarks: list[dict]) -> list[dict]:
+    """One row per (M, K, N, active): the fused op's times over its references, measured in this run."""
+    by_key: dict[tuple, dict] = {}
+    for entry in benchmarks:
+        info = entry["extra_info"]
+        by_key[(info["M"], info["K"], info["N"], info["active"], info["variant"])] = entry
+    rows = []
+    for (m, k, n, count, variant), entry in sorted(by_key.items(), key=lambda kv: tuple(str(v) for v in kv[0])):
+        if variant != "fused_fwd":
+            continue
+
+        def t(name, active=count):
+            found = by_key.get((m, k, n, active, name))
+            return _time_ms(found) if found else None
+
+        def peak(name):
+            found = by_key.get((m, k, n, count, name))
+            return found["extra_info"]["peak_bytes"] if found else None
+
+        row = {
+            "M": m,
+            "K": k,
+            "N": n,
+            "active": count,
+            "fwd_ms": t("fused_fwd"),
+            "cublas_fwd_ms": t("cublas_fwd", None),
+            "bwd_ms": t("fused_bwd"),
+            "cublas_dgrad_ms": t("cublas_dgrad", None),
+            "fwdbwd_ms": t("fused_fwdbwd"),
+            "unfused_fwd_ms": t("unfused_fwd"),
+            "unfused_fwdbwd_ms": t("unfused_fwdbwd"),
+            "peak_fwdbwd_MiB": None if peak("fused_fwdbwd") is None else peak("fused_fwdbwd") / 2**20,
+            "unfused_peak_fwdbwd_MiB": None if peak("unfused_fwdbwd") is None else peak("unfused_fwdbwd") / 2**20,
+            "rel_error_vs_unfused": entry["extra_info"]["rel_error_vs_unfused"],
+        }
+        row["fwd/cublas"] = _ratio(row["fwd_ms"], row["cublas_fwd_ms"])
+        row["bwd/cublas_dgrad"] = _ratio(row["bwd_ms"], row["cublas_dgrad_ms"])
+        row["unfused/fused fwd"] = _ratio(row["unfused_fwd_ms"], row["fwd_ms"])
+        row["unfused/fused fwd+bwd"] = _ratio(row["unfused_fwdbwd_ms"], row["fwdbwd_ms"])
+        rows.append(row)
+    return rows
+
+
+def _ratio(num, den):
+    return None if num is None or den is None else num / den
+
+
+def main(argv: list[str]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        code = pytest.main([str(BENCH_FILE), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *argv])
+        if code != 0 or not raw_path.exists():
+            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
+            return int(code) or 1
+        raw = json.loads(raw_path.read_text())
+    rows = summarise(raw["benchmarks"])
+    columns = [
+        "M", "K", "N", "active", "fwd_ms", "cublas_fwd_ms", "fwd/cublas", "bwd_ms", "cublas_dgrad_ms",
+        "bwd/cublas_dgrad", "unfused/fused fwd", "unfused/fused fwd+bwd", "peak_fwdbwd_MiB", "unfused_peak_fwdbwd_MiB",
+    ]  # fmt: skip
+    print()
+    print(format_table(rows, columns))
+    if not on_gpu():
+        print("\n(CPU smoke run through the Triton interpreter: the ratios say nothing about GPU speed.)")
+    path = write_result("plora_linear", {"rows": rows, "pytest_benchmark": raw})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
