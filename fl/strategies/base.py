@@ -1,0 +1,173 @@
+"""The strategy interface, on plain tensors (read like Flower's Strategy: configure a round's clients,
+aggregate the round's results).
+
+Every adapted layer has a name and global rank ``R``; its adapter is a pair ``Factors(a [R, K], b [N, R])``
+with the model's update ``ΔW = s · b @ a``. A method that gives a client rank ``r < R`` fills ``r``
+modules and leaves the others zero; the simulator trains ``trained[name]`` and folds the rest (zero
+modules fold to nothing). The scale ``s`` is common to every module and client, so strategies work on
+``b @ a`` and never see it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+
+class Factors(NamedTuple):
+    """One layer's adapter: ``a [R, K]`` (module j is row j) and ``b [N, R]`` (module j is column j)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+Adapter = dict[str, Factors]
+
+
+@dataclass
+class ClientPlan:
+    """What a client starts from in a round.
+
+    adapter: the starting factors of every layer (``[R, K]``/``[N, R]``, zeros where a module is absent);
+    trained: per layer, the ``[r]`` module indices the client trains (the others are folded/frozen);
+    extra: the other trainable tensors (a classification head), by parameter name;
+    download: the tensors the server sends, as sent (traffic is counted from these);
+    client_flops: preparation FLOPs at the client besides folding (FLoRA merging its stack).
+    """
+
+    client: int
+    adapter: Adapter
+    trained: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor]
+    download: dict[str, torch.Tensor]
+    client_flops: float = 0.0
+
+
+@dataclass
+class ClientUpdate:
+    """A client's result: its factors after training (every module; untrained ones as they started),
+    the modules it trained, its other trainable tensors, and its local data size."""
+
+    client: int
+    num_examples: int
+    adapter: Adapter
+    trained: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor]
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """The tensors a client sends back: the trained rows of ``a``, columns of ``b``, and ``extra``."""
+        sent = {}
+        for name, (a, b) in self.adapter.items():
+            idx = self.trained[name]
+            sent[f"{name}.a"] = a[idx]
+            sent[f"{name}.b"] = b[:, idx]
+        return {**sent, **{f"extra.{k}": v for k, v in self.extra.items()}}
+
+    def delta(self, name: str) -> torch.Tensor:
+        """``b @ a`` of layer ``name``: the client's full update (unscaled), fp32 ``[N, K]``."""
+        a, b = self.adapter[name]
+        return b.float() @ a.float()
+
+
+@dataclass
+class RoundResult:
+    """What a round's aggregation changed besides the global adapter.
+
+    base_update: factors ``(a [r, K], b [N, r])`` per layer that the simulator merges into the frozen
+    base for good (FLoRA), else None; server_flops: FLOPs of the aggregation (products, SVD).
+    """
+
+    base_update: Adapter | None = None
+    server_flops: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """A federated method. Holds the global adapter and head; the simulator calls, per round,
+    ``configure_client`` for each sampled client and then ``aggregate`` on their updates.
+
+    Args:
+        adapter: the initial global factors (the model's own initialisation: ``a`` Kaiming, ``b`` zero).
+        extra: the initial other trainable tensors (head), by parameter name.
+        weighting: "data" (by local data size, the default) or "uniform", for averages over clients.
+        seed: the run seed (module selection, re-initialisation).
+    """
+
+    name: str = ""
+
+    def __init__(self, adapter: Adapter, extra: dict[str, torch.Tensor], weighting: str = "data", seed: int = 0):
+        if weighting not in ("data", "uniform"):
+            raise ValueError(f"weighting must be 'data' or 'uniform', got {weighting!r}")
+        if not adapter:
+            raise ValueError("adapter must name at least one layer")
+        self.adapter: Adapter = {n: Factors(f.a.detach().clone(), f.b.detach().clone()) for n, f in adapter.items()}
+        self.extra = {n: t.detach().clone() for n, t in extra.items()}
+        self.weighting = weighting
+        self.seed = seed
+        first = next(iter(self.adapter.values()))
+        self.rank = first.a.shape[0]
+
+    @abstractmethod
+    def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
+        """The plan for ``client`` (rank budget ``rank``) in round ``rnd``."""
+
+    @abstractmethod
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
+        """Fold the round's ``updates`` into the global state."""
+
+    def global_adapter(self) -> Adapter:
+        """The global model's factors (``R`` modules), what evaluation loads."""
+        return self.adapter
+
+    def global_delta(self, name: str) -> torch.Tensor:
+        """The global model's update of layer ``name`` over the current base, unscaled, fp32 ``[N, K]``."""
+        a, b = self.adapter[name]
+        return b.float() @ a.float()
+
+    # shared helpers -----------------------------------------------------------------------------
+
+    def client_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
+        """Normalised ``[C]`` weights of the updates: by data size, or uniform."""
+        if not updates:
+            raise ValueError("aggregate needs at least one client update")
+        if self.weighting == "uniform":
+            raw = torch.ones(len(updates), dtype=torch.float64)
+        else:
+            raw = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
+        return raw / raw.sum()
+
+    def average_extra(self, updates: list[ClientUpdate], weights: torch.Tensor) -> None:
+        """FedAvg of the other trainable tensors over all participating clients."""
+        for name, value in self.extra.items():
+            self.extra[name] = _weighted_sum([u.extra[name] for u in updates], weights).to(value.dtype)
+
+    def plan(self, client: int, adapter: Adapter, trained: dict[str, torch.Tensor], download: dict[str, torch.Tensor], client_flops: float = 0.0) -> ClientPlan:
+        """A ``ClientPlan`` carrying the global head; ``download`` gets the head added."""
+        extra = {n: t.clone() for n, t in self.extra.items()}
+        return ClientPlan(client, adapter, trained, extra, {**download, **{f"extra.{n}": t for n, t in extra.items()}}, client_flops)
+
+
+def _weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``Σ w_i t_i`` in fp32 (fp64 weights applied to fp32 copies)."""
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for w, t in zip(weights.tolist(), tensors):
+        out += w * t.float()
+    return out
+
+
+def first_modules(rank: int, total: int, device: torch.device) -> torch.Tensor:
+    """Indices ``[0, rank)``: the modules a rank-``rank`` LoRA occupies in an ``R``-module layer."""
+    if not 1 <= rank <= total:
+        raise ValueError(f"client rank must lie in [1, {total}], got {rank}")
+    return torch.arange(rank, device=device)
+
+
+def truncated(factors: Factors, rank: int) -> Factors:
+    """The first ``rank`` modules kept, the others zeroed (same shapes)."""
+    a, b = factors.a.clone(), factors.b.clone()
+    a[rank:] = 0
+    b[:, rank:] = 0
+    return Factors(a, b)

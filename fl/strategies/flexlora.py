@@ -1,0 +1,47 @@
+"""FlexLoRA: average full products, SVD, give each client the top components (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..costs import product_flops, svd_flops
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules, truncated
+
+
+class FlexLoRA(Strategy):
+    """The server forms ``ΔW = Σ p_i B_i A_i`` per layer (kept exactly, as stacked factors), takes its SVD
+    ``U Σ Vᵀ`` and keeps the top ``R`` components as ``B = U Σ``, ``A = Vᵀ``; a client of rank ``r_i`` gets
+    the top ``r_i``. The global model used for evaluation is that rank-``R`` truncation."""
+
+    name = "flexlora"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.full: Adapter | None = None  # stacked (p_i A_i rows, B_i columns): ΔW exactly
+
+    def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
+        adapter = {n: truncated(f, rank) for n, f in self.adapter.items()}
+        idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
+        download = {f"{n}.a": f.a[:rank] for n, f in self.adapter.items()} | {f"{n}.b": f.b[:, :rank] for n, f in self.adapter.items()}
+        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
+        weights = self.client_weights(updates)
+        self.full, flops = {}, 0.0
+        for name, (a, b) in self.adapter.items():
+            n_out, k_in = b.shape[0], a.shape[1]
+            rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
+            cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
+            self.full[name] = Factors(torch.cat(rows), torch.cat(cols))
+            delta = self.full[name].b @ self.full[name].a
+            u_mat, s_vec, vh = torch.linalg.svd(delta, full_matrices=False)
+            self.adapter[name] = Factors(vh[: self.rank].to(a.dtype), (u_mat[:, : self.rank] * s_vec[: self.rank]).to(b.dtype))
+            flops += sum(product_flops(n_out, k_in, len(r)) for r in rows) + svd_flops(n_out, k_in)
+        self.average_extra(updates, weights)
+        return RoundResult(server_flops=flops)
+
+    def global_delta(self, name: str) -> torch.Tensor:
+        if self.full is None:
+            return super().global_delta(name)
+        a, b = self.full[name]
+        return b @ a

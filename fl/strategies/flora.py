@@ -1,0 +1,66 @@
+"""FLoRA: stack the clients' modules, merge the stack into the base, restart LoRA each round (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..costs import product_flops
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules
+
+
+class FLoRA(Strategy):
+    """Each round clients start new rank-``r_i`` modules (``A`` Kaiming-uniform as LoRA, seeded by the
+    round; ``B`` zero). The server stacks ``p_i A_i`` as rows and ``B_i`` as columns, so that
+    ``B_g A_g = Σ p_i B_i A_i`` exactly, and merges that into the frozen base (``RoundResult.base_update``).
+
+    Down traffic: a client receives every stack merged since it last took part (its copy of the base
+    is that old), besides the head; its merge of them counts as client FLOPs.
+    """
+
+    name = "flora"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stacks: list[Adapter] = []  # one per round, in order
+        self.last_round: dict[int, int] = {}  # client -> number of stacks it has merged
+        self._fresh_round = -1
+
+    def _fresh(self, rnd: int) -> None:
+        """New modules for round ``rnd``: ``a ~ U(-1/√K, 1/√K)`` (LoRA's Kaiming-uniform), ``b = 0``."""
+        if self._fresh_round == rnd:
+            return
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + rnd)
+        for name, (a, b) in self.adapter.items():
+            bound = a.shape[1] ** -0.5
+            fresh = (torch.rand(a.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+            self.adapter[name] = Factors(fresh.to(a.device, a.dtype), torch.zeros_like(b))
+        self._fresh_round = rnd
+
+    def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
+        self._fresh(rnd)
+        pending = self.stacks[self.last_round.get(client, 0):]
+        self.last_round[client] = len(self.stacks)
+        download, flops = {}, 0.0
+        for t, stack in enumerate(pending):
+            for name, (a, b) in stack.items():
+                download[f"stack{t}.{name}.a"], download[f"stack{t}.{name}.b"] = a, b
+                flops += product_flops(b.shape[0], a.shape[1], a.shape[0])
+        adapter = {}
+        for name, (a, b) in self.adapter.items():
+            start_a = a.clone()
+            start_a[rank:] = 0
+            adapter[name] = Factors(start_a, b.clone())
+        idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
+        return self.plan(client, adapter, {n: idx for n in adapter}, download, client_flops=flops)
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
+        weights = self.client_weights(updates)
+        stack = {}
+        for name in self.adapter:
+            rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
+            cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
+            stack[name] = Factors(torch.cat(rows), torch.cat(cols))
+        self.stacks.append(stack)
+        self.average_extra(updates, weights)
+        self._fresh(rnd + 1)
+        return RoundResult(base_update=stack)

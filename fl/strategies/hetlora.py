@@ -1,0 +1,66 @@
+"""HetLoRA: truncate, zero-pad, weight by update norm, optional rank self-pruning (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..costs import product_flops
+from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, _weighted_sum, first_modules, truncated
+
+
+class HetLoRA(Strategy):
+    """A client of rank ``r_i`` receives the global adapter's first ``r_i`` modules; its return is
+    zero-padded to ``R``; per layer, clients are weighted by ``‖B_i A_i‖_F`` (normalised; data-size or
+    uniform weights when every norm is zero).
+
+    Rank self-pruning (``prune_gamma`` in (0, 1), off by default): after each round, a client whose tail
+    modules ``[⌊γ r⌋, r)`` carry a smaller update norm than in its previous round drops to rank
+    ``max(1, ⌊γ r⌋)`` for the rest of the run.
+    """
+
+    name = "hetlora"
+
+    def __init__(self, *args, prune_gamma: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if prune_gamma is not None and not 0 < prune_gamma < 1:
+            raise ValueError(f"hetlora prune_gamma must lie in (0, 1), got {prune_gamma}")
+        self.prune_gamma = prune_gamma
+        self.pruned_rank: dict[int, int] = {}
+        self._tail_norm: dict[int, tuple[int, float]] = {}
+
+    def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
+        r = min(rank, self.pruned_rank.get(client, rank))
+        adapter = {n: truncated(f, r) for n, f in self.adapter.items()}
+        idx = first_modules(r, self.rank, next(iter(adapter.values())).a.device)
+        download = {f"{n}.a": f.a[:r] for n, f in self.adapter.items()} | {f"{n}.b": f.b[:, :r] for n, f in self.adapter.items()}
+        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
+        fallback = self.client_weights(updates)
+        flops = 0.0
+        for name, (a, b) in self.adapter.items():
+            norms = torch.tensor([float(torch.linalg.matrix_norm(u.delta(name))) for u in updates], dtype=torch.float64)
+            flops += sum(product_flops(b.shape[0], a.shape[1], len(u.trained[name])) for u in updates)
+            weights = norms / norms.sum() if norms.sum() > 0 else fallback
+            self.adapter[name] = Factors(
+                _weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
+                _weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
+            )
+        self.average_extra(updates, fallback)
+        if self.prune_gamma is not None:
+            self._self_prune(updates)
+        return RoundResult(server_flops=flops, info={"pruned_ranks": dict(self.pruned_rank)})
+
+    def _self_prune(self, updates: list[ClientUpdate]) -> None:
+        for u in updates:
+            r = len(next(iter(u.trained.values())))
+            keep = max(1, math.floor(self.prune_gamma * r))
+            tail = sum(
+                float(torch.linalg.matrix_norm(f.b[:, keep:r].float() @ f.a[keep:r].float())) ** 2 for f in u.adapter.values()
+            ) ** 0.5
+            previous = self._tail_norm.get(u.client)
+            if previous is not None and previous[0] == r and tail < previous[1] and keep < r:
+                self.pruned_rank[u.client] = keep
+            self._tail_norm[u.client] = (r, tail)
