@@ -5,6 +5,7 @@ package; transformers and bitsandbytes probe for that package, and this one deli
 none of its API, so they fall back to their own paths (tested in ``tests/test_ecosystem.py``).
 """
 
+from .fold import fold_, unfold_
 from .plora_linear import plora_linear, plora_linear_reference
 
-__all__ = ["plora_linear", "plora_linear_reference"]
+__all__ = ["fold_", "unfold_", "plora_linear", "plora_linear_reference"]
