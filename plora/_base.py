@@ -1,0 +1,100 @@
+"""The frozen base of an adapted layer: ``nn.Linear`` or bitsandbytes ``Linear4bit``.
+
+Reading the weight in a compute dtype, folding modules into it and out of it, and pristine
+snapshots that restore it bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def linear4bit_class():
+    """bitsandbytes' ``Linear4bit`` class, or ``None`` when bitsandbytes is not importable."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # bitsandbytes is a dependency, but a broken install must not break float models
+        return None
+    return Linear4bit
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    cls = linear4bit_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether ``module`` can be the base of a ``PLoRALinear``."""
+    return isinstance(module, nn.Linear) or is_linear4bit(module)
+
+
+def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, K]`` weight of a ``Linear4bit`` base in ``dtype`` (a fresh tensor)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+
+
+def fold_into_base(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
+    """In place: ``W += scale · B[:, indices] A[indices, :]`` (negative ``scale`` unfolds).
+
+    Float bases use the fold kernel; 4-bit bases are dequantised, updated and re-quantised with
+    bitsandbytes' own NF4/FP4 quantiser (the caller keeps a snapshot to undo it exactly).
+    """
+    with torch.no_grad():
+        if is_linear4bit(base):
+            _fold_nf4_torch(base, lora_a, lora_b, indices, scale)
+        else:
+            _fold_torch(base.weight, lora_a, lora_b, indices, scale)
+
+
+def _fold_torch(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
+    """Reference fold for float weights: one ``addmm_`` in the weight's dtype (fp32 accumulation)."""
+    index = torch.tensor(indices, dtype=torch.long, device=weight.device)
+    b = lora_b.index_select(1, index).to(weight.dtype)
+    a = lora_a.index_select(0, index).to(weight.dtype)
+    weight.addmm_(b, a, alpha=scale)
+
+
+def _fold_nf4_torch(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
+    """Reference fold for 4-bit weights: dequantise to fp32, add, re-quantise with the same layout."""
+    import bitsandbytes.functional as bnbf
+
+    param = base.weight
+    state = param.quant_state
+    weight = bnbf.dequantize_4bit(param.data, state).float()
+    index = torch.tensor(indices, dtype=torch.long, device=weight.device)
+    weight.addmm_(lora_b.index_select(1, index).float(), lora_a.index_select(0, index).float(), alpha=scale)
+    packed, new_state = bnbf.quantize_4bit(
+        weight.to(state.dtype),
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=param.data.dtype,
+    )
+    param.data.copy_(packed)
+    param.quant_state = new_state
+
+
+def snapshot(base: nn.Module):
+    """A copy of the base weight that :func:`restore` writes back bit-exactly.
+
+    Float weights are copied to host memory (so the copy costs no accelerator memory); 4-bit weights
+    keep their packed codes and quantisation state (an eighth of a bf16 copy) on their device.
+    """
+    if is_linear4bit(base):
+        return base.weight.data.clone(), copy.deepcopy(base.weight.quant_state)
+    return base.weight.detach().to("cpu", copy=True)
+
+
+def restore(base: nn.Module, saved) -> None:
+    with torch.no_grad():
+        if is_linear4bit(base):
+            packed, state = saved
+            base.weight.data.copy_(packed)
+            base.weight.quant_state = state
+        else:
+            base.weight.copy_(saved)

@@ -1,0 +1,261 @@
+"""``PLoRALinear``: a frozen linear base plus ``R`` one-rank modules, computed with the fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kernels import plora_linear
+
+from . import _base
+
+TRAINABLE, FROZEN, FOLDED = "trainable", "frozen", "folded"
+MODES = ("merge", "exact")
+
+
+class PLoRALinear(nn.Module):
+    """``y = base(x) + scale · Σ_{j ∈ active} (x · a_j) b_jᵀ`` with ``R`` one-rank modules.
+
+    Holds the global module values ``lora_a [R, K]`` (rows ``a_j``) and ``lora_b [N, R]`` (columns
+    ``b_j``) around a frozen ``base_layer`` (``nn.Linear`` or bitsandbytes ``Linear4bit``). Each
+    module is in one state:
+
+    * trainable: in the forward, receives gradients;
+    * frozen: in the forward as a constant term, no gradient (``select_and_fold(mode="exact")``);
+    * folded: merged into the base weight, absent from the adapter path (``mode="merge"``).
+
+    While every module is trainable, ``lora_a`` and ``lora_b`` are the trainable parameters. After a
+    selection of ``r < R`` modules they are frozen, and the selected modules train as the separate
+    parameters ``selected_a [r, K]`` and ``selected_b [N, r]``, so an optimizer built then holds state
+    for those alone; :meth:`unfold` writes them back. :meth:`module_values` always gives the current
+    values of all ``R`` modules.
+
+    The forward runs the fused op in the compute dtype (the autocast dtype when autocast is on,
+    otherwise the base weight's dtype, or the input's for 4-bit bases); master adapters keep their
+    own dtype and are cast (differentiably) for the op.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        scale: float,
+        *,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not _base.is_adaptable(base_layer):
+            raise TypeError(f"base_layer must be nn.Linear or bitsandbytes Linear4bit, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.scale = float(scale)
+        self.is_4bit = _base.is_linear4bit(base_layer)
+        weight = base_layer.weight
+        if adapter_dtype is None:
+            adapter_dtype = torch.float32 if self.is_4bit else weight.dtype
+        factory = {"device": weight.device, "dtype": adapter_dtype}
+        self.lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        self.selected_a: nn.Parameter | None = None
+        self.selected_b: nn.Parameter | None = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.reset_adapter(init)
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self._states = [TRAINABLE] * r
+        self._mode: str | None = None
+        self._pristine = None
+        self.register_buffer("active_index", torch.arange(r, device=weight.device), persistent=False)
+
+    # ------------------------------------------------------------------ state
+
+    def reset_adapter(self, init: str = "kaiming") -> None:
+        """Re-initialise every module as LoRA does: ``A`` random, ``B`` zero."""
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_a, std=1.0 / self.r)
+            else:
+                raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
+            self.lora_b.zero_()
+
+    @property
+    def states(self) -> list[str]:
+        """State of each of the ``R`` modules: ``"trainable"``, ``"frozen"`` or ``"folded"``."""
+        return list(self._states)
+
+    def indices(self, state: str) -> list[int]:
+        """Sorted indices of the modules in ``state``."""
+        return [j for j, s in enumerate(self._states) if s == state]
+
+    @property
+    def is_selected(self) -> bool:
+        """Whether a selection is in force (``select_and_fold`` was called and not undone)."""
+        return self._mode is not None
+
+    def select_and_fold(self, indices, mode: str | None = None, *, pristine: bool = False) -> None:
+        """Keep ``indices`` trainable; fold (``"merge"``) or freeze (``"exact"``) the other modules.
+
+        ``mode=None`` picks ``"merge"`` for float bases and ``"exact"`` for 4-bit bases (NF4 rounds
+        most of a folded delta away: see the fidelity study). ``pristine=True`` keeps a host copy of
+        a float base so that :meth:`unfold` restores it bit-exactly; 4-bit merges always keep one
+        (packed, so cheap). Build the optimizer after this call.
+        """
+        if self.is_selected:
+            raise RuntimeError("select_and_fold was already called on this layer: call unfold() first")
+        mode = ("exact" if self.is_4bit else "merge") if mode is None else mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+        selected = self._check_selection(indices)
+        rest = [j for j in range(self.r) if j not in set(selected)]
+        if mode == "merge" and rest:
+            if pristine or self.is_4bit:
+                self._pristine = _base.snapshot(self.base_layer)
+            _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), rest, self.scale)
+        states = [FOLDED if mode == "merge" else FROZEN] * self.r
+        for j in selected:
+            states[j] = TRAINABLE
+        self._states, self._mode = states, mode
+        if len(selected) < self.r:
+            self.lora_a.requires_grad_(False)
+            self.lora_b.requires_grad_(False)
+            index = torch.tensor(selected, dtype=torch.long, device=self.lora_a.device)
+            if selected:
+                self.selected_a = nn.Parameter(self.lora_a.detach().index_select(0, index))
+                self.selected_b = nn.Parameter(self.lora_b.detach().index_select(1, index))
+            frozen = len(rest) if mode == "exact" else 0
+            self.register_buffer("selected_index", index, persistent=False)
+            self.register_buffer(
+                "frozen_index", torch.tensor(self.indices(FROZEN), dtype=torch.long, device=index.device), persistent=False
+            )
+            self.active_index = torch.arange(len(selected) + frozen, device=index.device)
+
+    def unfold(self) -> None:
+        """Undo :meth:`select_and_fold`: write trained modules back, restore the base, all trainable."""
+        if not self.is_selected:
+            return
+        with torch.no_grad():
+            if self.selected_a is not None:
+                self.lora_a.index_copy_(0, self.selected_index, self.selected_a.to(self.lora_a.dtype))
+                self.lora_b.index_copy_(1, self.selected_index, self.selected_b.to(self.lora_b.dtype))
+        folded = self.indices(FOLDED)
+        if self._pristine is not None:
+            _base.restore(self.base_layer, self._pristine)
+        elif folded:
+            _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), folded, -self.scale)
+        self.selected_a = self.selected_b = None
+        for name in ("selected_index", "frozen_index"):
+            if name in self._buffers:
+                del self._buffers[name]
+        self._pristine = None
+        self._states, self._mode = [TRAINABLE] * self.r, None
+        self.lora_a.requires_grad_(True)
+        self.lora_b.requires_grad_(True)
+        self.active_index = torch.arange(self.r, device=self.lora_a.device)
+
+    def module_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current ``(A [R, K], B [N, R])`` of all modules, detached copies in the adapter dtype."""
+        a, b = self.lora_a.detach().clone(), self.lora_b.detach().clone()
+        if self.selected_a is not None:
+            a.index_copy_(0, self.selected_index, self.selected_a.detach().to(a.dtype))
+            b.index_copy_(1, self.selected_index, self.selected_b.detach().to(b.dtype))
+        return a, b
+
+    def set_module_values(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Overwrite all modules with ``lora_a [R, K]`` and ``lora_b [N, R]`` (copied, cast).
+
+        Refused while modules are folded (their values are in the base weight): unfold first.
+        """
+        for name, value, param in (("lora_a", lora_a, self.lora_a), ("lora_b", lora_b, self.lora_b)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.shape != param.shape:
+                raise ValueError(f"{name} must have shape {tuple(param.shape)}, got {tuple(value.shape)}")
+        if self.indices(FOLDED):
+            raise RuntimeError("cannot overwrite module values while modules are folded into the base: unfold() first")
+        with torch.no_grad():
+            self.lora_a.copy_(lora_a)
+            self.lora_b.copy_(lora_b)
+            if self.selected_a is not None:
+                self.selected_a.copy_(self.lora_a.index_select(0, self.selected_index))
+                self.selected_b.copy_(self.lora_b.index_select(1, self.selected_index))
+
+    def _check_selection(self, indices) -> list[int]:
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        try:
+            selected = sorted(int(j) for j in indices)
+        except TypeError:
+            raise TypeError(f"indices must be an iterable of module indices, got {type(indices).__name__}") from None
+        if len(set(selected)) != len(selected):
+            raise ValueError(f"indices must not repeat a module, got {selected}")
+        if selected and (selected[0] < 0 or selected[-1] >= self.r):
+            raise ValueError(f"indices must lie in [0, {self.r}), got {selected}")
+        return selected
+
+    # ---------------------------------------------------------------- forward
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if self.is_4bit else self.base_layer.weight.dtype
+
+    def _adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` whose columns/rows ``active_index`` selects for the op, cast to ``dtype``."""
+        if "selected_index" not in self._buffers:
+            a, b = self.lora_a, self.lora_b
+        else:
+            parts_a, parts_b = [], []
+            if self.selected_a is not None:
+                parts_a.append(self.selected_a)
+                parts_b.append(self.selected_b)
+            if self.frozen_index.numel():
+                parts_a.append(self.lora_a.index_select(0, self.frozen_index))
+                parts_b.append(self.lora_b.index_select(1, self.frozen_index))
+            if not parts_a:
+                return self.lora_a.to(dtype), self.lora_b.to(dtype)
+            a = parts_a[0] if len(parts_a) == 1 else torch.cat(parts_a, 0)
+            b = parts_b[0] if len(parts_b) == 1 else torch.cat(parts_b, 1)
+        return a.to(dtype), b.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        x = x.to(dtype)
+        bias = self.base_layer.bias
+        bias = None if bias is None else bias.to(dtype)
+        a, b = self._adapters(dtype)
+        if not self.is_4bit:
+            return self._forward(x, self.base_layer.weight.to(dtype), a, b, bias)
+        # The dequantised weight is not kept for backward: it is rebuilt from the packed codes there.
+        weight = _base.dequantized_weight(self.base_layer, dtype)
+        def pack(t: torch.Tensor):
+            return (lambda: _base.dequantized_weight(self.base_layer, dtype)) if t is weight else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return self._forward(x, weight, a, b, bias)
+
+    def _forward(self, x, weight, a, b, bias) -> torch.Tensor:
+        if self.dropout is None or not self.training:
+            return plora_linear(x, weight, a, b, self.active_index, self.scale, bias)
+        # Dropout on the adapter input only: the base and the adapter see different inputs (unfused).
+        index = self.active_index
+        h = self.dropout(x) @ a.index_select(0, index).T
+        return F.linear(x, weight, bias) + self.scale * (h @ b.index_select(1, index).T)
+
+    def extra_repr(self) -> str:
+        counts = {s: self._states.count(s) for s in (TRAINABLE, FROZEN, FOLDED)}
+        return f"r={self.r}, scale={self.scale:g}, " + ", ".join(f"{k}={v}" for k, v in counts.items())
+
+
+def _unpack(packed):
+    return packed() if callable(packed) else packed

@@ -1,0 +1,163 @@
+"""PLoRALinear on its own: the forward against the reference, module states, dtypes, 4-bit bases."""
+
+import pytest
+import torch
+from torch import nn
+
+import plora
+from kernels import plora_linear_reference
+
+
+def _layer(n=48, k=40, r=6, dtype=torch.float32, bias=True, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    base = nn.Linear(k, n, bias=bias, dtype=dtype)
+    layer = plora.PLoRALinear(base, r, scale=0.5, **kwargs)
+    with torch.no_grad():
+        layer.lora_b.normal_(std=0.3)
+    return layer
+
+
+def test_forward_matches_reference_and_grads_reach_adapters_only():
+    layer = _layer()
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    every = torch.arange(6)
+    ref = plora_linear_reference(x, layer.base_layer.weight, layer.lora_a, layer.lora_b, every, 0.5, layer.base_layer.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert layer.lora_a.grad is not None and layer.lora_b.grad is not None and x.grad is not None
+    assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+
+
+def test_init_is_identity_and_reset():
+    base = nn.Linear(16, 8)
+    layer = plora.PLoRALinear(base, 4, scale=2.0, init="gaussian")
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(layer(x), base(x))
+    assert layer.lora_a.abs().sum() > 0 and layer.lora_b.abs().sum() == 0
+    with pytest.raises(ValueError, match="init"):
+        layer.reset_adapter("ones")
+
+
+@pytest.mark.parametrize("mode", ["merge", "exact"])
+def test_select_states_parameters_and_unfold(mode):
+    layer = _layer()
+    x = torch.randn(4, 40)
+    before = layer(x).detach()
+    values = layer.module_values()
+    weight = layer.base_layer.weight.detach().clone()
+    layer.select_and_fold([4, 1], mode=mode)
+    other = "folded" if mode == "merge" else "frozen"
+    assert layer.states == [other, "trainable", other, other, "trainable", other]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["selected_a", "selected_b"]
+    assert layer.selected_a.shape == (2, 40) and layer.selected_b.shape == (48, 2)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    if mode == "exact":
+        assert torch.equal(layer.base_layer.weight, weight)
+    with pytest.raises(RuntimeError, match="unfold"):
+        layer.select_and_fold([0])
+    with torch.no_grad():
+        layer.selected_a.add_(1.0)  # a "training step" on the selected modules
+    a, b = layer.module_values()
+    assert torch.equal(a[[1, 4]], values[0][[1, 4]] + 1.0) and torch.equal(a[[0, 2, 3, 5]], values[0][[0, 2, 3, 5]])
+    layer.unfold()
+    assert layer.states == ["trainable"] * 6 and layer.selected_a is None
+    assert layer.lora_a.requires_grad and torch.equal(layer.lora_a, a) and torch.equal(layer.lora_b, b)
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=0, atol=1e-6)
+
+
+def test_pristine_unfold_is_bit_exact_in_bf16():
+    layer = _layer(dtype=torch.bfloat16)
+    weight = layer.base_layer.weight.detach().clone()
+    layer.select_and_fold([0], mode="merge", pristine=True)
+    assert not torch.equal(layer.base_layer.weight, weight)
+    layer.unfold()
+    assert torch.equal(layer.base_layer.weight, weight)
+
+
+def test_selection_errors():
+    layer = _layer()
+    with pytest.raises(ValueError, match="repeat"):
+        layer.select_and_fold([1, 1])
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        layer.select_and_fold([6])
+    with pytest.raises(ValueError, match="mode"):
+        layer.select_and_fold([1], mode="fold")
+    with pytest.raises(TypeError, match="indices"):
+        layer.select_and_fold(3)
+    with pytest.raises(TypeError, match="base_layer"):
+        plora.PLoRALinear(nn.Conv1d(2, 2, 1), 4, 1.0)
+    with pytest.raises(ValueError, match="r must"):
+        plora.PLoRALinear(nn.Linear(2, 2), 0, 1.0)
+
+
+def test_empty_selection_and_set_values_refused_while_folded():
+    layer = _layer(r=3)
+    x = torch.randn(2, 40)
+    before = layer(x).detach()
+    layer.select_and_fold([], mode="merge")
+    assert layer.selected_a is None and not any(p.requires_grad for p in layer.parameters())
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="folded"):
+        layer.set_module_values(*layer.module_values())
+    layer.unfold()
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_module_values(torch.zeros(2, 40), layer.lora_b)
+
+
+def test_fp32_adapters_on_bf16_base_and_autocast():
+    layer = _layer(dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    assert layer.lora_a.dtype == torch.float32
+    x = torch.randn(4, 40, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_a.grad.dtype == torch.float32 and layer.lora_a.grad.abs().sum() > 0
+
+    fp32 = _layer()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp32(torch.randn(4, 40))
+    assert y.dtype == torch.bfloat16
+
+
+def test_dropout_path_matches_fused_path_in_eval_and_differs_in_training():
+    layer = _layer(dropout=0.5)
+    x = torch.randn(8, 40)
+    layer.eval()
+    fused = layer(x)
+    layer.train()
+    torch.manual_seed(3)
+    dropped = layer(x)
+    assert not torch.allclose(fused, dropped)
+    dropped.sum().backward()
+    assert layer.lora_a.grad is not None
+
+
+def test_linear4bit_base_forward_backward_and_merge_restores_exactly():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(dense.state_dict())
+    base = base.to("cpu")
+    layer = plora.PLoRALinear(base, 4, scale=1.0)
+    assert layer.is_4bit and layer.lora_a.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_b.normal_(std=0.5)
+    x = torch.randn(3, 64)
+    weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    y = layer(x)
+    ref = plora_linear_reference(x, weight, layer.lora_a, layer.lora_b, torch.arange(4), 1.0, base.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert layer.lora_b.grad.abs().sum() > 0
+
+    packed = base.weight.data.clone()
+    layer.select_and_fold([2])  # default for 4-bit: exact
+    assert layer.states == ["frozen", "frozen", "trainable", "frozen"]
+    torch.testing.assert_close(layer(x), y.detach(), rtol=1e-5, atol=1e-5)
+    layer.unfold()
+    layer.select_and_fold([2], mode="merge")
+    assert not torch.equal(base.weight.data, packed)
+    layer.unfold()
+    assert torch.equal(base.weight.data, packed)
