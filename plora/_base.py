@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from kernels import fold_, unfold_
+
 
 def linear4bit_class():
     """bitsandbytes' ``Linear4bit`` class, or ``None`` when bitsandbytes is not importable."""
@@ -38,25 +40,23 @@ def dequantized_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
 
 
-def fold_into_base(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
-    """In place: ``W += scale · B[:, indices] A[indices, :]`` (negative ``scale`` unfolds).
+def fold_into_base(
+    base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float, *, unfold: bool = False
+) -> None:
+    """In place: ``W += scale · B[:, indices] A[indices, :]``, or ``-=`` with ``unfold``.
 
-    Float bases use the fold kernel; 4-bit bases are dequantised, updated and re-quantised with
-    bitsandbytes' own NF4/FP4 quantiser (the caller keeps a snapshot to undo it exactly).
+    Float bases use the fold kernels (adapters cast to the weight's dtype, fp32 accumulation, one
+    rounding); 4-bit bases are dequantised, updated and re-quantised with bitsandbytes' own quantiser
+    (the caller keeps a snapshot to undo that exactly).
     """
     with torch.no_grad():
         if is_linear4bit(base):
-            _fold_nf4_torch(base, lora_a, lora_b, indices, scale)
-        else:
-            _fold_torch(base.weight, lora_a, lora_b, indices, scale)
-
-
-def _fold_torch(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
-    """Reference fold for float weights: one ``addmm_`` in the weight's dtype (fp32 accumulation)."""
-    index = torch.tensor(indices, dtype=torch.long, device=weight.device)
-    b = lora_b.index_select(1, index).to(weight.dtype)
-    a = lora_a.index_select(0, index).to(weight.dtype)
-    weight.addmm_(b, a, alpha=scale)
+            _fold_nf4_torch(base, lora_a, lora_b, indices, -scale if unfold else scale)
+            return
+        weight = base.weight
+        index = torch.tensor(indices, dtype=torch.long, device=weight.device)
+        kernel = unfold_ if unfold else fold_
+        kernel(weight.data, lora_a.to(weight.dtype), lora_b.to(weight.dtype), index, scale)
 
 
 def _fold_nf4_torch(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:

@@ -152,7 +152,7 @@ class PLoRALinear(nn.Module):
         if self._pristine is not None:
             _base.restore(self.base_layer, self._pristine)
         elif folded:
-            _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), folded, -self.scale)
+            _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), folded, self.scale, unfold=True)
         self.selected_a = self.selected_b = None
         for name in ("selected_index", "frozen_index"):
             if name in self._buffers:
