@@ -214,3 +214,10 @@ def test_no_host_sync_and_no_recompile_on_gpu():
 def _compiled_count(kernel) -> int:
     """Compiled variants of an autotuned Triton kernel (first item of each device cache entry)."""
     return sum(len(entry[0]) for entry in kernel.fn.device_caches.values())
+
+
+def test_matrices_beyond_32_bit_offsets_are_refused(device):
+    ops = operands(device)
+    ops["x"] = ops["x"][:1].expand(2**31 // 12 + 1, 12)  # a view: no memory behind the large shape
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        plora_linear(**ops)

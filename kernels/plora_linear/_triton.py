@@ -33,6 +33,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: tl.constexpr):
+    """Masked ``[len(offs_0), len(offs_1)]`` tile at ``ptr`` (zeros outside), in fp32 when ``UPCAST``."""
+    tile = tl.load(ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1, mask=mask_0[:, None] & mask_1[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 # --------------------------------------------------------------------------------------------------
 # shrink: t[M, P] = scale * X[M, K] @ G[idx, :]ᵀ  (padded columns p >= r are written as zeros)
 # --------------------------------------------------------------------------------------------------
@@ -66,19 +75,8 @@ def _shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        g = tl.load(
-            g_ptr + rows[None, :] * stride_g_idx + offs_k[:, None] * stride_g_k,
-            mask=active[None, :] & mask_k[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(tl.float32)
-            g = g.to(tl.float32)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k, UPCAST)
+        g = load_tile(g_ptr, offs_k, rows, stride_g_k, stride_g_idx, mask_k, active, UPCAST)
         acc = tl.dot(x, g, acc, input_precision=DOT_PRECISION)
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], acc * scale, mask=mask_m[:, None])
 
@@ -151,32 +149,15 @@ def _gemm_with_slab_kernel(
         offs_p = tl.arange(0, P)
         active = offs_p < r
         rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], mask=mask_m[:, None], other=0.0)
-        g = tl.load(
-            g_ptr + rows[:, None] * stride_g_idx + offs_n[None, :] * stride_g_n,
-            mask=active[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            g = g.to(tl.float32)
+        t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
+        g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
         acc = tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
 
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
+        x = load_tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k, UPCAST)
+        w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n, UPCAST)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
@@ -252,14 +233,8 @@ def _reduce_over_m_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        xt = tl.load(
-            x_ptr + offs_r[:, None] * stride_xr + offs_m[None, :] * stride_xm,
-            mask=mask_r[:, None] & mask_m[None, :],
-            other=0.0,
-        )
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], mask=mask_m[:, None], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
+        xt = load_tile(x_ptr, offs_r, offs_m, stride_xr, stride_xm, mask_r, mask_m, UPCAST)
+        t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
         acc = tl.dot(xt, t.to(xt.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_p[None, :], acc, mask=mask_r[:, None])
 

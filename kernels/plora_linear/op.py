@@ -117,5 +117,11 @@ def plora_linear(
         # Nothing to launch, or CPU tensors with no Triton interpreter: Triton cannot run here, so
         # the plain-torch path computes the same function (and zero gradients for inactive modules).
         return plora_linear_reference(x, weight, lora_a, lora_b, active, scale, bias)
+    largest = max(x2.shape[0] * max(k, n), weight.numel())
+    if largest >= 2**31:
+        raise ValueError(
+            f"x [{x2.shape[0]}, {k}] -> y [{x2.shape[0]}, {n}] with weight {tuple(weight.shape)} exceeds the kernels' "
+            "32-bit offsets (2**31 elements per matrix): split the batch"
+        )
     y = _PLoRALinearFunction.apply(x2, weight, lora_a, lora_b, active, scale, bias)
     return y.reshape(*leading, n)
