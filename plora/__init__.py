@@ -1,19 +1,22 @@
 """PLoRA layers for transformers models: config, injection, Select-N-Fold, adapter I/O, PEFT interop.
 
-Depends on ``kernels`` (the fused op and the fold kernels), torch, transformers-free otherwise
-except for PEFT export/import.
+Uses ``kernels`` (the fused op and the fold kernels), torch, safetensors, bitsandbytes for 4-bit
+bases and PEFT for its adapter format.
 """
 
 from .config import PLoRAConfig
 from .inject import inject, plora_layers
 from .io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from .layer import PLoRALinear
+from .peft_io import export_peft, from_peft
 from .select import select_and_fold, unfold
 
 __all__ = [
     "PLoRAConfig",
     "PLoRALinear",
     "adapter_state_dict",
+    "export_peft",
+    "from_peft",
     "inject",
     "load_adapter",
     "load_adapter_state_dict",
