@@ -32,7 +32,7 @@ class FlexLoRA(Strategy):
             n_out, k_in = b.shape[0], a.shape[1]
             rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
             cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
-            self.full[name] = Factors(torch.cat(rows), torch.cat(cols))
+            self.full[name] = Factors(torch.cat(rows), torch.cat(cols, dim=1))
             delta = self.full[name].b @ self.full[name].a
             u_mat, s_vec, vh = torch.linalg.svd(delta, full_matrices=False)
             self.adapter[name] = Factors(vh[: self.rank].to(a.dtype), (u_mat[:, : self.rank] * s_vec[: self.rank]).to(b.dtype))

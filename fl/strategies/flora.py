@@ -59,7 +59,7 @@ class FLoRA(Strategy):
         for name in self.adapter:
             rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
             cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
-            stack[name] = Factors(torch.cat(rows), torch.cat(cols))
+            stack[name] = Factors(torch.cat(rows), torch.cat(cols, dim=1))
         self.stacks.append(stack)
         self.average_extra(updates, weights)
         self._fresh(rnd + 1)

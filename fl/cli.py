@@ -1,0 +1,68 @@
+"""``python -m fl run``: one command for any method on any task, from a config file and flags."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from .config import load_config
+from .data import TASKS
+from .strategies import STRATEGIES
+
+#: Flags that are shortcuts for ``--set section.key=value``.
+SHORTCUTS = {
+    "task": "task.name",
+    "data_dir": "task.data_dir",
+    "model": "model.name",
+    "rounds": "federation.rounds",
+    "clients": "federation.clients",
+    "seed": "run.seed",
+    "name": "run.name",
+    "out_dir": "run.out_dir",
+    "device": "run.device",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fl", description="Heterogeneous federated fine-tuning: Fed-PLoRA and baselines.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="simulate one or more methods and write a run directory")
+    run.add_argument("--config", help="TOML config file (sections run, task, model, federation, train, methods)")
+    run.add_argument("--methods", help=f"comma-separated, from: {', '.join(STRATEGIES)}")
+    run.add_argument("--task", help=f"one of: {', '.join(TASKS)}")
+    run.add_argument("--data-dir", help="local data directory (layout of shared/data); default $FED_PLORA_DATA, else the Hub")
+    run.add_argument("--model", help="'minilm', a local model directory or a Hub id")
+    run.add_argument("--rounds", type=int)
+    run.add_argument("--clients", type=int)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--name", help="run directory name under run.out_dir")
+    run.add_argument("--out-dir")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    overrides = [f"{key}={_toml(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    if args.methods:
+        overrides.append(f"methods.names={_toml([m.strip() for m in args.methods.split(',') if m.strip()])}")
+    config = load_config(args.config, overrides + args.set)
+    from .experiment import run_experiment  # heavy imports only when running
+
+    command = "python -m fl " + " ".join(shlex.quote(a) for a in argv)
+    directory, table = run_experiment(config, command, progress=not args.no_progress)
+    print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
+    return 0
+
+
+def _toml(value) -> str:
+    """A TOML literal for a flag value (strings quoted, lists element-wise)."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return str(value)

@@ -1,0 +1,109 @@
+"""What a simulated client does on the shared model: local training (AdamW) and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import TaskSpec, score
+from .data.tokenize import collate
+
+
+@dataclass
+class TrainStats:
+    """Mean training loss over the local steps, steps taken, and tokens processed (padded)."""
+
+    loss: float
+    steps: int
+    tokens: int
+
+
+def precision_context(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast on a GPU when ``dtype`` is bf16; nothing otherwise."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def local_batches(features: list[dict], batch_size: int, steps: int, generator: torch.Generator, pad_id: int):
+    """``steps`` padded batches drawn without replacement, reshuffling at every pass over ``features``."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(features), generator=generator).tolist()
+        chunk, order = order[:batch_size], order[batch_size:]
+        yield collate([features[i] for i in chunk], pad_id)
+
+
+def train_local(
+    model: nn.Module,
+    features: list[dict],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    pad_id: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> TrainStats:
+    """``steps`` AdamW steps on the parameters that currently require grad (build after the fold)."""
+    if steps < 1:
+        raise ValueError(f"local steps must be >= 1, got {steps}")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    total, tokens = 0.0, 0
+    for batch in local_batches(features, batch_size, steps, generator, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with precision_context(device, autocast_dtype):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += float(loss)
+        tokens += batch["input_ids"].numel()
+    model.eval()
+    return TrainStats(total / steps, steps, tokens)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    task: TaskSpec,
+    features: list[dict],
+    tokenizer,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """The task's metrics on ``features``: argmax of the logits (classification) or greedy generation."""
+    device = next(model.parameters()).device
+    model.eval()
+    predictions, references = [], []
+    for start in range(0, len(features), batch_size):
+        chunk = features[start : start + batch_size]
+        if task.kind == "classification":
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+            references += batch.pop("labels").tolist()
+            with precision_context(device, autocast_dtype):
+                predictions += model(**batch).logits.argmax(-1).tolist()
+        else:
+            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id, left=True).items()}
+            with precision_context(device, autocast_dtype):
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens or task.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            predictions += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            references += [f["reference"] for f in chunk]
+    return score(task.name, predictions, references)

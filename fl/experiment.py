@@ -1,0 +1,104 @@
+"""A whole run: the shared data, then each method on a freshly loaded backbone, written to a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import get_task, load_examples, resolve_data_dir
+from .data.tokenize import encode_classification, encode_generation_eval, encode_generation_train
+from .model import load_model, load_tokenizer
+from .partition import assign_ranks, partition
+from .report import RunWriter
+from .simulator import Federation, simulate
+from .strategies import STRATEGIES
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"run.device must be auto, cpu or cuda, got {choice!r}")
+    return torch.device(choice)
+
+
+def precision(choice: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """``(base weight dtype, autocast dtype)``: "auto" is bf16 on a GPU, fp32 on CPU."""
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    if choice == "fp32":
+        return torch.float32, None
+    if choice == "bf16":
+        return torch.bfloat16, torch.bfloat16
+    raise ValueError(f"model.precision must be auto, fp32 or bf16, got {choice!r}")
+
+
+def _subset(items: list, limit: int | None, rng: np.random.Generator) -> list:
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), size=limit, replace=False))]
+
+
+def build_federation(config: Config, tokenizer) -> Federation:
+    """Load, subsample, partition and tokenise the task's data; draw the client ranks."""
+    task = get_task(config.task.name)
+    data_dir = resolve_data_dir(config.task.data_dir)
+    seed, fcfg = config.run.seed, config.federation
+    train = _subset(load_examples(task.name, "train", data_dir), config.task.max_train_examples, np.random.default_rng([seed, 10]))
+    evals = _subset(load_examples(task.name, "eval", data_dir), config.task.max_eval_examples, np.random.default_rng([seed, 11]))
+    shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
+    ranks = assign_ranks(fcfg.rank_scheme, fcfg.clients, np.random.default_rng([seed, 13]), list(fcfg.rank_choices), config.model.rank)
+    length = config.task.max_length
+    if task.kind == "classification":
+        train_f, eval_f = encode_classification(train, tokenizer, length), encode_classification(evals, tokenizer, length)
+    else:
+        train_f, eval_f = encode_generation_train(train, tokenizer, length), encode_generation_eval(evals, tokenizer, length)
+    return Federation(task, train_f, eval_f, shards, ranks)
+
+
+def client_summary(fed: Federation) -> list[dict]:
+    """Per client: data size, rank budget and label counts (where labels exist)."""
+    out = []
+    for c, shard in enumerate(fed.shards):
+        row = {"client": c, "examples": len(shard), "rank": fed.ranks[c]}
+        labels = [fed.train[i]["labels"] for i in shard if isinstance(fed.train[i].get("labels"), int)]
+        if labels:
+            row["label_counts"] = {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
+        out.append(row)
+    return out
+
+
+def run_experiment(config: Config, command: str = "", progress: bool = True) -> tuple[Path, str]:
+    """Run every method of ``config`` and write the run directory; returns ``(directory, table)``."""
+    unknown = [m for m in config.methods.names if m not in STRATEGIES]
+    if unknown:
+        raise KeyError(f"unknown methods {unknown}; choose from {', '.join(STRATEGIES)}")
+    device = pick_device(config.run.device)
+    base_dtype, autocast_dtype = precision(config.model.precision, device)
+    writer = RunWriter(Path(config.run.out_dir) / config.run.name)
+    writer.write_json("config.json", {**config.to_dict(), "command": command})
+    tokenizer = load_tokenizer(config.model.name)
+    fed = build_federation(config, tokenizer)
+    writer.write_json("clients.json", client_summary(fed))
+    task = fed.task
+    results = {}
+    for method in config.methods.names:
+        model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+        bar = tqdm(total=config.federation.rounds, desc=f"{method:>9}", disable=not progress, leave=True)
+
+        def on_round(record: dict) -> None:
+            writer.append(record)
+            score = record.get(f"eval_{task.metric}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", **({task.metric: f"{score:.3f}"} if score is not None else {}))
+            bar.update()
+
+        results[method] = simulate(config, method, fed, model, tokenizer, autocast_dtype, on_round)
+        bar.close()
+        del model
+    table = writer.finish(results, task.metric, command)
+    return writer.dir, table
+

