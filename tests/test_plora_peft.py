@@ -54,7 +54,8 @@ def test_from_peft_reads_a_peft_trained_adapter_with_head_and_refuses_pickle(tmp
         expected = peft_model(input_ids=ids).logits
         model = plora.from_peft(tiny_model("bert"), tmp_path)
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
-    assert all(layer.scale == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r) for layer in plora.plora_layers(model).values())
+    # rsLoRA scales by alpha / sqrt(r) = 8 / 2.
+    assert all(layer.scale == pytest.approx(4.0) for layer in plora.plora_layers(model).values())
 
     with pytest.raises(ValueError, match="differ"):
         plora.from_peft(plora.inject(tiny_model("bert"), plora.PLoRAConfig(r=4, target_modules=["key"])), tmp_path)
