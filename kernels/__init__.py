@@ -6,6 +6,16 @@ none of its API, so they fall back to their own paths (tested in ``tests/test_ec
 """
 
 from .fold import fold_, unfold_
+from .nf4 import dequantize_nf4, fold_nf4_, quantize_nf4, unfold_nf4_
 from .plora_linear import plora_linear, plora_linear_reference
 
-__all__ = ["fold_", "unfold_", "plora_linear", "plora_linear_reference"]
+__all__ = [
+    "dequantize_nf4",
+    "fold_",
+    "fold_nf4_",
+    "quantize_nf4",
+    "unfold_",
+    "unfold_nf4_",
+    "plora_linear",
+    "plora_linear_reference",
+]
