@@ -13,6 +13,10 @@ from kernels import plora_linear
 from . import _base
 
 TRAINABLE, FROZEN, FOLDED = "trainable", "frozen", "folded"
+
+# torch.compile treats the fused op as an opaque eager call (one graph break per layer): Dynamo would
+# otherwise trace into its argument checks and kernel launches. Everything around it compiles.
+_fused_op = torch.compiler.disable(plora_linear)
 MODES = ("merge", "exact")
 
 
@@ -246,7 +250,7 @@ class PLoRALinear(nn.Module):
 
     def _forward(self, x, weight, a, b, bias) -> torch.Tensor:
         if self.dropout is None or not self.training:
-            return plora_linear(x, weight, a, b, self.active_index, self.scale, bias)
+            return _fused_op(x, weight, a, b, self.active_index, self.scale, bias)
         # Dropout on the adapter input only: the base and the adapter see different inputs (unfused).
         index = self.active_index
         h = self.dropout(x) @ a.index_select(0, index).T

@@ -62,3 +62,16 @@ def test_4bit_model_trains_with_gradient_checkpointing():
     model(ids, labels=ids).loss.backward()
     layers = plora.plora_layers(model)
     assert all(layer.is_4bit and layer.lora_a.grad.abs().sum() > 0 for layer in layers.values())
+
+
+def test_torch_compile_runs_the_fused_op_eagerly_between_compiled_graphs():
+    model = tiny_model("llama")
+    plora.inject(model, plora.PLoRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(model)
+    ids = token_batch()
+    expected = model(ids).logits
+    compiled = torch.compile(model, backend="aot_eager")
+    logits = compiled(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    logits.sum().backward()
+    assert all(layer.lora_a.grad is not None for layer in plora.plora_layers(model).values())
