@@ -67,7 +67,7 @@ def train_local(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total += float(loss)
+        total += float(loss.detach())
         tokens += batch["input_ids"].numel()
     model.eval()
     return TrainStats(total / steps, steps, tokens)

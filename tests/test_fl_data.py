@@ -1,0 +1,119 @@
+"""Task loaders (real files in shared/data), metrics, partitions, rank schemes and tokenisation."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl.data import DATA_DIR_ENV, TASKS, load_examples, resolve_data_dir
+from fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
+from fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
+from fl.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
+
+DATA = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA} (set {DATA_DIR_ENV})")
+
+EXPECTED = {  # (train rows, eval rows) of the offline copies
+    "cola": (8551, 527), "sst2": (67349, 872), "mrpc": (3668, 408), "rte": (2490, 277),
+    "gsm8k": (7473, 1319), "dolly": (14260, 751), "pubmedqa": (500, 500),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_loads_offline(task):
+    train, evals = load_examples(task, "train", DATA), load_examples(task, "eval", DATA)
+    assert (len(train), len(evals)) == EXPECTED[task]
+    spec = TASKS[task]
+    if spec.kind == "classification":
+        assert {e["label"] for e in train} == set(range(spec.num_labels))
+        assert all(isinstance(e["text"], str) and e["text"] for e in train[:50])
+    else:
+        assert all(e["prompt"] and e["target"] and e["reference"] is not None for e in train[:50])
+
+
+@needs_data
+def test_task_specific_fields():
+    assert load_examples("gsm8k", "train", DATA)[0]["reference"] == "72"
+    assert load_examples("rte", "train", DATA)[0]["label"] == 1  # not_entailment, as on the Hub
+    assert load_examples("mrpc", "train", DATA)[0]["text"].startswith("Amrozi")  # BOM stripped
+    assert {e["reference"] for e in load_examples("pubmedqa", "eval", DATA)} == {"yes", "no", "maybe"}
+    assert len({e["category"] for e in load_examples("dolly", "train", DATA)}) == 8
+
+
+def test_errors_name_the_missing_file_or_task(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"task 'cola': missing data file .*in_domain_train.tsv"):
+        load_examples("cola", "train", tmp_path)
+    with pytest.raises(KeyError, match="unknown task 'colla'"):
+        load_examples("colla", "train", tmp_path)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert resolve_data_dir(None) == tmp_path
+    assert resolve_data_dir("elsewhere") == Path("elsewhere")
+
+
+def test_metrics_by_hand():
+    assert matthews_corrcoef([1, 0, 1, 1], [1, 0, 0, 1]) == pytest.approx(1 / np.sqrt(3))
+    assert matthews_corrcoef([1, 1, 1], [1, 0, 1]) == 0.0  # constant predictions
+    assert matthews_corrcoef([0, 1, 2, 2], [0, 1, 2, 2]) == pytest.approx(1.0)
+    assert f1_binary([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(0.5)
+    assert final_number("3 + 4 = 7\n#### 1,000") == "1000"
+    assert final_number("so 12 then 15.00") == "15"
+    assert final_number("The answer is 42. Question: 7") == "42"
+    assert final_number("no digits") is None
+    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(2 * (5 / 6) * (5 / 6) / (5 / 3))
+    assert rouge_l("", "x") == 0.0
+    assert score("pubmedqa", ["Yes, it does", "maybe.", "unclear"], ["yes", "no", "no"]) == {"accuracy": pytest.approx(1 / 3)}
+    assert score("gsm8k", ["The answer is 5", "#### 6"], ["5", "7"]) == {"exact_match": 0.5}
+    assert set(score("mrpc", [1, 0], [1, 1])) == {"f1", "accuracy"}
+
+
+def test_partitions_cover_every_example_once():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 500).tolist()
+    for shards in (iid(500, 7, rng), dirichlet(labels, 7, 0.3, rng), by_category([str(x) for x in labels], 7, rng)):
+        flat = sorted(i for s in shards for i in s)
+        assert flat == list(range(500)) and len(shards) == 7
+    skewed = dirichlet(labels, 5, 0.05, np.random.default_rng(1))
+    shares = [np.bincount(np.asarray(labels)[s], minlength=3) / len(s) for s in skewed]
+    assert max(max(s) for s in shares) > 0.8  # small alpha: some client dominated by one label
+    cats = by_category(["a"] * 10 + ["b"] * 10, 4, rng)
+    assert {labels_of for labels_of in map(lambda s: frozenset("a" if i < 10 else "b" for i in s), cats)} == {frozenset("a"), frozenset("b")}
+    with pytest.raises(ValueError, match="needs examples with a 'label'"):
+        partition([{"prompt": "x"}] * 4, "dirichlet", 2, rng)
+    with pytest.raises(ValueError, match="num_clients"):
+        iid(3, 5, rng)
+
+
+def test_rank_schemes_and_client_sampling():
+    rng = np.random.default_rng(0)
+    assert assign_ranks("cycle", 5, rng, [2, 4, 8, 16], 16) == [2, 4, 8, 16, 2]
+    uniform = assign_ranks("uniform", 400, rng, [2, 4, 8, 16], 16)
+    assert set(uniform) == {2, 4, 8, 16}
+    heavy = assign_ranks("heavy_tail", 400, rng, [2, 4, 8, 16], 16)
+    assert heavy.count(2) > heavy.count(16) * 3
+    assert assign_ranks("fixed", 2, rng, [3, 5], 8) == [3, 5]
+    with pytest.raises(ValueError, match=r"lie in \[1, global rank 8\]"):
+        assign_ranks("uniform", 3, rng, [16], 8)
+    picked = sample_clients(10, 0.3, np.random.default_rng(5))
+    assert len(picked) == 3 and picked == sample_clients(10, 0.3, np.random.default_rng(5))
+
+
+class _WordTokenizer:
+    """Whitespace tokenizer: enough to check masking and truncation."""
+
+    eos_token_id = 99
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_generation_encoding_masks_the_prompt_and_pads_left_for_eval():
+    ex = [{"prompt": "aa bbb cccc", "target": " d ee", "reference": "x"}]
+    (train,) = encode_generation_train(ex, _WordTokenizer(), max_length=4)
+    assert train["input_ids"] == [4, 1, 2, 99] and train["labels"] == [-100, 1, 2, 99]  # prompt cut from the left
+    (prompt,) = encode_generation_eval(ex, _WordTokenizer(), max_length=2)
+    assert prompt["input_ids"] == [3, 4]
+    batch = collate([prompt, {"input_ids": [7], "reference": "y"}], pad_id=0, left=True)
+    assert batch["input_ids"].tolist() == [[3, 4], [0, 7]] and batch["attention_mask"].tolist() == [[1, 1], [0, 1]]

@@ -1,0 +1,158 @@
+"""Aggregation rules of every strategy (DESIGN.md §1) on small hand-made tensors."""
+
+import pytest
+import torch
+
+from fl.strategies import ClientUpdate, Factors, build_strategy
+from fl.strategies.fedplora import select_modules, selection_seed
+
+R, K, N = 4, 3, 2
+
+
+def global_adapter():
+    a = torch.arange(R * K, dtype=torch.float32).reshape(R, K) / 10
+    b = -torch.arange(N * R, dtype=torch.float32).reshape(N, R) / 10
+    return {"layer": Factors(a, b)}
+
+
+HEAD = {"head.weight": torch.zeros(2, 2)}
+
+
+def update(client, size, a, b, trained, head_value=0.0):
+    return ClientUpdate(client, size, {"layer": Factors(a, b)}, {"layer": torch.tensor(trained)}, {"head.weight": torch.full((2, 2), head_value)})
+
+
+def filled(value_a, value_b, modules=range(R)):
+    a, b = torch.zeros(R, K), torch.zeros(N, R)
+    for j in modules:
+        a[j] = value_a + j
+        b[:, j] = value_b + j
+    return a, b
+
+
+def test_fedplora_averages_each_module_over_its_trainers():
+    s = build_strategy("fedplora", global_adapter(), HEAD)
+    g = global_adapter()["layer"]
+    a0, b0 = g.a.clone(), g.b.clone()
+    a0[[0, 1]], b0[:, [0, 1]] = 1.0, 2.0
+    a1, b1 = g.a.clone(), g.b.clone()
+    a1[[1, 2]], b1[:, [1, 2]] = 5.0, 6.0
+    s.aggregate(0, [update(0, 1, a0, b0, [0, 1], 1.0), update(1, 3, a1, b1, [1, 2], 5.0)])
+    a, b = s.adapter["layer"]
+    torch.testing.assert_close(a[0], torch.full((K,), 1.0))  # only client 0
+    torch.testing.assert_close(a[1], torch.full((K,), (1 * 1.0 + 3 * 5.0) / 4))  # both, data weights
+    torch.testing.assert_close(b[:, 1], torch.full((N,), (1 * 2.0 + 3 * 6.0) / 4))
+    torch.testing.assert_close(a[2], torch.full((K,), 5.0))  # only client 1
+    torch.testing.assert_close(a[3], g.a[3])  # nobody: keeps the global value
+    torch.testing.assert_close(b[:, 3], g.b[:, 3])
+    torch.testing.assert_close(s.extra["head.weight"], torch.full((2, 2), 4.0))  # FedAvg over all clients
+
+
+def test_fedplora_uniform_weights():
+    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform")
+    a0, b0 = filled(1.0, 1.0)
+    a1, b1 = filled(3.0, 3.0)
+    s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 9, a1, b1, [1])])
+    torch.testing.assert_close(s.adapter["layer"].a[1], torch.full((K,), 3.0))  # (2 + 4) / 2
+
+
+def test_fedplora_plan_is_the_global_model_with_seeded_selection():
+    s = build_strategy("fedplora", global_adapter(), HEAD, seed=7)
+    plan = s.configure_client(3, 5, 2)
+    torch.testing.assert_close(plan.adapter["layer"].a, global_adapter()["layer"].a)  # zero initialisation noise
+    assert plan.trained["layer"].tolist() == select_modules(2, R, selection_seed(7, 3, 5)).tolist()
+    again = build_strategy("fedplora", global_adapter(), HEAD, seed=7).configure_client(3, 5, 2)
+    assert plan.trained["layer"].tolist() == again.trained["layer"].tolist()
+    assert len(set(plan.trained["layer"].tolist())) == 2
+    assert plan.download["layer.a"].shape == (R, K) and plan.download["layer.b"].shape == (N, R)  # all R modules go down
+    draws = {tuple(s.configure_client(r, 0, 2).trained["layer"].tolist()) for r in range(20)}
+    assert len(draws) > 1
+
+
+def test_fedit_averages_a_and_b_separately():
+    s = build_strategy("fedit", global_adapter(), HEAD, client_rank=2)
+    plan = s.configure_client(0, 0, 4)
+    assert plan.trained["layer"].tolist() == [0, 1]
+    assert plan.download["layer.a"].shape == (2, K)
+    assert torch.count_nonzero(plan.adapter["layer"].a[2:]) == 0
+    a0, b0 = filled(1.0, 10.0, range(2))
+    a1, b1 = filled(3.0, 20.0, range(2))
+    s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 3, a1, b1, [0, 1])])
+    torch.testing.assert_close(s.adapter["layer"].a, 0.25 * a0 + 0.75 * a1)
+    torch.testing.assert_close(s.adapter["layer"].b, 0.25 * b0 + 0.75 * b1)
+
+
+def test_flora_stack_reproduces_the_weighted_sum_and_restarts():
+    s = build_strategy("flora", global_adapter(), HEAD)
+    p0 = s.configure_client(0, 0, 1)
+    p1 = s.configure_client(0, 1, 3)
+    assert torch.count_nonzero(p0.adapter["layer"].b) == 0 and torch.count_nonzero(p0.adapter["layer"].a[1:]) == 0
+    torch.testing.assert_close(p0.adapter["layer"].a[0], p1.adapter["layer"].a[0])
+    a0, b0 = filled(1.0, 2.0, range(1))
+    a1, b1 = filled(3.0, 4.0, range(3))
+    u0, u1 = update(0, 1, a0, b0, [0]), update(1, 3, a1, b1, [0, 1, 2])
+    result = s.aggregate(0, [u0, u1])
+    stack = result.base_update["layer"]
+    assert stack.a.shape == (4, K) and stack.b.shape == (N, 4)  # rank 1 + 3 stacked
+    torch.testing.assert_close(stack.b @ stack.a, 0.25 * (b0 @ a0) + 0.75 * (b1 @ a1))
+    assert torch.count_nonzero(s.global_delta("layer")) == 0  # new modules: B = 0
+    # Client 0 took part in round 0 (received nothing then); client 2 never did: both get the stack.
+    assert "stack0.layer.a" in s.configure_client(1, 0, 2).download
+    s.aggregate(1, [update(0, 1, a0, b0, [0])])
+    late = s.configure_client(2, 2, 2)
+    assert {"stack0.layer.a", "stack1.layer.a"} <= set(late.download)
+    assert late.client_flops > 0
+
+
+def test_hetlora_truncates_zero_pads_and_weights_by_norm():
+    s = build_strategy("hetlora", global_adapter(), HEAD)
+    plan = s.configure_client(0, 0, 2)
+    g = global_adapter()["layer"]
+    torch.testing.assert_close(plan.adapter["layer"].a[:2], g.a[:2])
+    assert torch.count_nonzero(plan.adapter["layer"].a[2:]) == 0 and plan.download["layer.b"].shape == (N, 2)
+    a0, b0 = filled(1.0, 1.0, range(2))
+    a1, b1 = filled(2.0, 1.0, range(4))
+    n0 = torch.linalg.matrix_norm(b0 @ a0)
+    n1 = torch.linalg.matrix_norm(b1 @ a1)
+    s.aggregate(0, [update(0, 100, a0, b0, [0, 1]), update(1, 1, a1, b1, [0, 1, 2, 3])])
+    w0, w1 = n0 / (n0 + n1), n1 / (n0 + n1)
+    torch.testing.assert_close(s.adapter["layer"].a, w0 * a0 + w1 * a1)  # a0's rows 2, 3 are the zero padding
+    torch.testing.assert_close(s.adapter["layer"].b, w0 * b0 + w1 * b1)
+
+
+def test_hetlora_self_pruning_shrinks_a_client_whose_tail_fades():
+    s = build_strategy("hetlora", global_adapter(), HEAD, prune_gamma=0.5)
+    strong_a, strong_b = filled(1.0, 1.0)
+    weak_a, weak_b = strong_a.clone(), strong_b.clone()
+    weak_b[:, 2:] *= 0.1
+    s.aggregate(0, [update(0, 1, strong_a, strong_b, [0, 1, 2, 3])])
+    assert s.configure_client(1, 0, 4).trained["layer"].numel() == 4
+    s.aggregate(1, [update(0, 1, weak_a, weak_b, [0, 1, 2, 3])])
+    assert s.configure_client(2, 0, 4).trained["layer"].numel() == 2
+
+
+def test_flexlora_svd_of_the_weighted_products():
+    s = build_strategy("flexlora", global_adapter(), HEAD)
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(R, K), torch.randn(N, R)
+    a1, b1 = torch.randn(R, K), torch.randn(N, R)
+    a0[2:], b0[:, 2:] = 0, 0
+    s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 3, a1, b1, [0, 1, 2, 3])])
+    ideal = 0.25 * (b0 @ a0) + 0.75 * (b1 @ a1)
+    torch.testing.assert_close(s.global_delta("layer"), ideal)  # the server keeps ΔW exactly
+    u, sv, vh = torch.linalg.svd(ideal)
+    plan = s.configure_client(1, 0, 1)  # rank 1: the top singular component
+    torch.testing.assert_close(plan.adapter["layer"].b @ plan.adapter["layer"].a, sv[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-5)
+    full = s.configure_client(1, 1, R)  # rank ≥ rank(ΔW) = 2 here: exact
+    torch.testing.assert_close(full.adapter["layer"].b @ full.adapter["layer"].a, ideal, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_method_and_bad_arguments_are_named():
+    with pytest.raises(KeyError, match="unknown method 'fedx'"):
+        build_strategy("fedx", global_adapter(), HEAD)
+    with pytest.raises(ValueError, match="weighting"):
+        build_strategy("fedplora", global_adapter(), HEAD, weighting="size")
+    with pytest.raises(ValueError, match="client rank"):
+        build_strategy("fedplora", global_adapter(), HEAD).configure_client(0, 0, R + 1)
+    with pytest.raises(ValueError, match="client_rank"):
+        build_strategy("fedit", global_adapter(), HEAD, client_rank=0)
