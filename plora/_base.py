@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from kernels import fold_, unfold_
+from kernels import fold_, fold_nf4_, unfold_
 
 
 def linear4bit_class():
@@ -45,28 +45,32 @@ def fold_into_base(
 ) -> None:
     """In place: ``W += scale · B[:, indices] A[indices, :]``, or ``-=`` with ``unfold``.
 
-    Float bases use the fold kernels (adapters cast to the weight's dtype, fp32 accumulation, one
-    rounding); 4-bit bases are dequantised, updated and re-quantised with bitsandbytes' own quantiser
-    (the caller keeps a snapshot to undo that exactly).
+    Float bases use the fold kernels and NF4 bases the NF4 fold kernel (adapters cast to the weight's
+    dtype, fp32 accumulation); FP4 bases are dequantised, updated and re-quantised with bitsandbytes'
+    own quantiser. A 4-bit fold rounds to 4 bits, so the caller keeps a snapshot to undo it exactly.
     """
     with torch.no_grad():
-        if is_linear4bit(base):
-            _fold_nf4_torch(base, lora_a, lora_b, indices, -scale if unfold else scale)
+        index = torch.tensor(indices, dtype=torch.long, device=lora_a.device)
+        if not is_linear4bit(base):
+            weight = base.weight
+            kernel = unfold_ if unfold else fold_
+            kernel(weight.data, lora_a.to(weight.dtype), lora_b.to(weight.dtype), index, scale)
             return
-        weight = base.weight
-        index = torch.tensor(indices, dtype=torch.long, device=weight.device)
-        kernel = unfold_ if unfold else fold_
-        kernel(weight.data, lora_a.to(weight.dtype), lora_b.to(weight.dtype), index, scale)
+        signed = -scale if unfold else scale
+        if base.weight.quant_state.quant_type == "nf4":
+            dtype = base.weight.quant_state.dtype
+            fold_nf4_(base.weight, lora_a.to(dtype), lora_b.to(dtype), index, signed)
+        else:
+            _fold_4bit_torch(base, lora_a, lora_b, index, signed)
 
 
-def _fold_nf4_torch(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: list[int], scale: float) -> None:
-    """Reference fold for 4-bit weights: dequantise to fp32, add, re-quantise with the same layout."""
+def _fold_4bit_torch(base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, index: torch.Tensor, scale: float) -> None:
+    """Fold into an FP4 weight (no kernel covers it): dequantise to fp32, add, re-quantise, same layout."""
     import bitsandbytes.functional as bnbf
 
     param = base.weight
     state = param.quant_state
     weight = bnbf.dequantize_4bit(param.data, state).float()
-    index = torch.tensor(indices, dtype=torch.long, device=weight.device)
     weight.addmm_(lora_b.index_select(1, index).float(), lora_a.index_select(0, index).float(), alpha=scale)
     packed, new_state = bnbf.quantize_4bit(
         weight.to(state.dtype),
