@@ -8,6 +8,7 @@ none of its API, so they fall back to their own paths (tested in ``tests/test_ec
 from .fold import fold_, unfold_
 from .nf4 import dequantize_nf4, fold_nf4_, quantize_nf4, unfold_nf4_
 from .plora_linear import plora_linear, plora_linear_reference
+from .plora_linear_nf4 import plora_linear_nf4, plora_linear_nf4_reference
 
 __all__ = [
     "dequantize_nf4",
@@ -18,4 +19,6 @@ __all__ = [
     "unfold_nf4_",
     "plora_linear",
     "plora_linear_reference",
+    "plora_linear_nf4",
+    "plora_linear_nf4_reference",
 ]
