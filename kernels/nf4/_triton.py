@@ -22,7 +22,7 @@ import triton.language as tl
 from .._runtime import INTERPRET, device_guard, upcast_in_kernel
 from ..fold._triton import round_to
 
-_TINY = 1e-38
+_TINY = tl.constexpr(1e-38)  # absmax floor for the reciprocal, as bitsandbytes clamps it
 
 
 @triton.jit
@@ -32,8 +32,10 @@ def block_absmax(blocks, mask, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, N
         q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
         level = tl.load(code2_ptr + q)
         scale2 = tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
-        return level * scale2 + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+        absmax = level * scale2 + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit
@@ -95,7 +97,7 @@ def _quantize_absmax_kernel(
     x = tl.load(absmax_ptr + offs, mask=mask, other=0.0) - tl.load(offset_ptr)
     x = tl.where(mask, x, 0.0)
     absmax2 = tl.max(tl.abs(x), axis=0)
-    scaled = x * tl.math.div_rn(1.0, tl.maximum(absmax2, _TINY))
+    scaled = x * tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), tl.zeros_like(x) + tl.maximum(absmax2, _TINY))
     # Largest level <= scaled by bisection over the 256 sorted levels, then the nearer of it and the next.
     low = tl.zeros(scaled.shape, dtype=tl.int32)
     for step in tl.static_range(8):
