@@ -78,3 +78,25 @@ def test_rejects_bad_arguments(device):
         plora_linear_nf4(x, nf4, lora_a, lora_b.half(), active, 1.0)
     with pytest.raises(ValueError, match="dequant must be 'auto', 'fused' or 'temporary'"):
         plora_linear_nf4(x, nf4, lora_a, lora_b, active, 1.0, dequant="never")
+
+
+@pytest.mark.parametrize("dequant", ["fused", "temporary"])
+def test_frozen_modules_are_evaluated_without_gradients(device, dequant):
+    """``trainable``: the exact alternative to a 4-bit fold keeps folded modules as frozen terms."""
+    nf4, x, lora_a, lora_b, _ = _case(device, torch.float32, m=32)
+    active = torch.tensor([3, 0, 5, 1], device=device)  # 3, 0 trained; 5, 1 frozen
+    leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    y = plora_linear_nf4(leaves[0], nf4, leaves[1], leaves[2], active, 0.5, dequant=dequant, trainable=2)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, lora_a, lora_b)]
+    weight = dequantize_nf4_reference(nf4)
+    trained = plora_linear_reference(ref_leaves[0], weight, ref_leaves[1], ref_leaves[2], active[:2], 0.5)
+    expected = trained + plora_linear_reference(ref_leaves[0], 0 * weight, lora_a, lora_b, active[2:], 0.5)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    expected.backward(dy)
+    for ours, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-4)
+    assert torch.count_nonzero(leaves[1].grad[[1, 5]]) == 0 and torch.count_nonzero(leaves[2].grad[:, [1, 5]]) == 0
+    with pytest.raises(ValueError, match=r"trainable must be an int in \[0, 4\]"):
+        plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.5, trainable=5)

@@ -17,7 +17,13 @@ def plora_linear_nf4_reference(
     active: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
+    trainable: int | None = None,
 ) -> torch.Tensor:
-    """``plora_linear_reference`` on the dequantised weight (bitsandbytes' values, cast to x's dtype)."""
+    """``plora_linear_reference`` on the dequantised weight (bitsandbytes' values, cast to x's dtype);
+    modules of ``active`` after the first ``trainable`` enter detached (frozen)."""
     weight = dequantize_nf4_reference(nf4).to(x.dtype)
-    return plora_linear_reference(x, weight, lora_a, lora_b, active, scale, bias)
+    y = plora_linear_reference(x, weight, lora_a, lora_b, active[:trainable], scale, bias)
+    frozen = active[trainable:] if trainable is not None else active[:0]
+    if frozen.numel():
+        y = y + plora_linear_reference(x, torch.zeros_like(weight), lora_a.detach(), lora_b.detach(), frozen, scale)
+    return y
