@@ -120,3 +120,15 @@ def test_fold_allocates_nothing_on_gpu():
     fold_(weight, lora_a, lora_b, indices, 0.5)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == before
+
+
+def test_cpu_without_triton_takes_the_torch_path(monkeypatch):
+    import kernels.fold.op
+
+    weight, lora_a, lora_b = _adapter(40, 72, 5, torch.bfloat16, "cpu", seed=5)
+    indices = torch.tensor([4, 1], device="cpu")
+    expected = fold_reference(weight, lora_a, lora_b, indices, 0.5)
+    monkeypatch.setattr(kernels.fold.op, "INTERPRET", False)
+    version = weight._version
+    fold_(weight, lora_a, lora_b, indices, 0.5)
+    assert torch.equal(weight, expected) and weight._version > version

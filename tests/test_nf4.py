@@ -181,3 +181,22 @@ def test_fold_nf4_on_gpu_allocates_only_the_block_maxima():
     torch.cuda.synchronize()
     blocks = 128 * 1024 // 64
     assert torch.cuda.max_memory_allocated() - before <= blocks * 4 + 2048  # fp32 absmax before double quantisation
+
+
+def test_cpu_without_triton_takes_the_torch_path(monkeypatch):
+    """CPU tensors with no interpreter (Triton cannot launch there) give the kernels' results."""
+    import kernels.fold.op
+    import kernels.nf4.op
+
+    param, lora_a, lora_b = _fold_case(torch.device("cpu"), torch.bfloat16, 256, True, seed=4)
+    twin, _, _ = _fold_case(torch.device("cpu"), torch.bfloat16, 256, True, seed=4)
+    indices = torch.tensor([2, 7], device="cpu")
+    fold_nf4_(param, lora_a, lora_b, indices, 2.0)
+    quantised = quantize_nf4(dequantize_nf4(param), 64, param.quant_state.state2.code)
+    monkeypatch.setattr(kernels.nf4.op, "INTERPRET", False)
+    monkeypatch.setattr(kernels.fold.op, "INTERPRET", False)
+    fold_nf4_(twin, lora_a, lora_b, indices, 2.0)
+    assert (codes(twin.data) != codes(param.data)).double().mean() < 1e-3
+    torch.testing.assert_close(twin.quant_state.state2.absmax, param.quant_state.state2.absmax, rtol=8e-3, atol=0)
+    again = quantize_nf4(dequantize_nf4(param), 64, param.quant_state.state2.code)
+    assert torch.equal(again.packed, quantised.packed) and torch.equal(again.absmax, quantised.absmax)
