@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         overrides.append(f"methods.names={_toml([m.strip() for m in args.methods.split(',') if m.strip()])}")
     config = load_config(args.config, overrides + args.set)
+    from transformers.utils import logging as hf_logging
+
     from .experiment import run_experiment  # heavy imports only when running
+
+    hf_logging.set_verbosity_error()  # no load reports (a fresh head is expected)
+    hf_logging.disable_progress_bar()
 
     command = "python -m fl " + " ".join(shlex.quote(a) for a in argv)
     directory, table = run_experiment(config, command, progress=not args.no_progress)

@@ -34,6 +34,7 @@ class ModelSection:
     alpha: float = 32.0  # scale s = alpha / R for every module and method
     target_modules: list[str] | None = None  # None: by model type (BERT: query, value)
     dropout: float = 0.0
+    extra_trainable: list[str] | None = None  # modules trained and FedAvg'd besides adapters; None: the head
     precision: str = "auto"  # "auto": bf16 on a GPU, fp32 on CPU; or "fp32", "bf16"
 
 

@@ -67,17 +67,19 @@ def load_model(name: str, task: TaskSpec, pad_id: int, seed: int, device: torch.
     return model.to(device).eval()
 
 
-def inject_plora(model: nn.Module, rank: int, alpha: float, targets: list[str] | None, dropout: float, seed: int) -> nn.Module:
-    """PLoRA layers of global rank ``rank`` on ``targets`` (default by model type); the classification
-    head, if any, stays trainable. Adapters are fp32 masters whatever the base dtype."""
+def inject_plora(
+    model: nn.Module, rank: int, alpha: float, targets: list[str] | None, dropout: float, seed: int, extra: list[str] | None = None
+) -> nn.Module:
+    """PLoRA layers of global rank ``rank`` on ``targets`` (default by model type); the modules ``extra``
+    (default: the classification head, if any) stay trainable, in fp32. Adapters are fp32 masters."""
     model_type = getattr(model.config, "model_type", "")
     if targets is None:
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(f"no default target modules for model type {model_type!r}: set model.target_modules")
         targets = DEFAULT_TARGETS[model_type]
-    heads = [h for h in HEAD_NAMES if hasattr(model, h)]
+    heads = [h for h in HEAD_NAMES if hasattr(model, h)] if extra is None else list(extra)
     for head in heads:
-        getattr(model, head).float()
+        model.get_submodule(head).float()
     torch.manual_seed(seed)
     config = plora.PLoRAConfig(
         r=rank, alpha=alpha, target_modules=targets, dropout=dropout, modules_to_save=heads, adapter_dtype=torch.float32

@@ -82,7 +82,7 @@ def simulate(
     fcfg, tcfg, mcfg = config.federation, config.train, config.model
     seed = config.run.seed
     device = next(model.parameters()).device
-    inject_plora(model, mcfg.rank, mcfg.alpha, mcfg.target_modules, mcfg.dropout, seed)
+    inject_plora(model, mcfg.rank, mcfg.alpha, mcfg.target_modules, mcfg.dropout, seed, mcfg.extra_trainable)
     adapter, extra = read_adapter(model)
     options = {}
     if method == "fedit":

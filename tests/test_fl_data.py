@@ -117,3 +117,32 @@ def test_generation_encoding_masks_the_prompt_and_pads_left_for_eval():
     assert prompt["input_ids"] == [3, 4]
     batch = collate([prompt, {"input_ids": [7], "reference": "y"}], pad_id=0, left=True)
     assert batch["input_ids"].tolist() == [[3, 4], [0, 7]] and batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
+
+
+def test_hub_rows_are_normalised_like_local_rows(monkeypatch):
+    """The online path, with ``datasets.load_dataset`` replaced by canned Hub rows (no network)."""
+    import datasets
+
+    from fl.data.sources import hub_rows
+
+    canned = {
+        ("nyu-mll/glue", "rte", "validation"): [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}],
+        ("openai/gsm8k", "main", "test"): [{"question": "q", "answer": "x\n#### 5"}],
+        ("qiaojin/PubMedQA", "pqa_labeled", "train"): [
+            {"pubid": 2, "question": "q2", "context": {"contexts": ["c2"]}, "final_decision": "no"},
+            {"pubid": 1, "question": "q1", "context": {"contexts": ["c1"]}, "final_decision": "yes"},
+        ],
+    }
+    calls = []
+
+    def fake_load_dataset(path, config=None, split=None):
+        calls.append((path, config, split))
+        return canned[(path, config, split)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert hub_rows("rte", "eval") == [{"sentence1": "a", "sentence2": "b", "label": 1}]
+    assert hub_rows("gsm8k", "eval") == [{"question": "q", "answer": "x\n#### 5"}]
+    assert hub_rows("pubmedqa", "eval") == [{"question": "q2", "contexts": ["c2"], "final_decision": "no"}]
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert load_examples("gsm8k", "eval")[0]["reference"] == "5"  # no data dir: the Hub
+    assert calls[-1] == ("openai/gsm8k", "main", "test")
