@@ -142,15 +142,26 @@ class Strategy(ABC):
     def average_extra(self, updates: list[ClientUpdate], weights: torch.Tensor) -> None:
         """FedAvg of the other trainable tensors over all participating clients."""
         for name, value in self.extra.items():
-            self.extra[name] = _weighted_sum([u.extra[name] for u in updates], weights).to(value.dtype)
+            self.extra[name] = weighted_sum([u.extra[name] for u in updates], weights).to(value.dtype)
 
-    def plan(self, client: int, adapter: Adapter, trained: dict[str, torch.Tensor], download: dict[str, torch.Tensor], client_flops: float = 0.0) -> ClientPlan:
+    def truncated_plan(self, client: int, rank: int) -> ClientPlan:
+        """A rank-``rank`` LoRA client: the global adapter's first ``rank`` modules, sent and trained."""
+        adapter = {n: truncated(f, rank) for n, f in self.adapter.items()}
+        idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
+        download = {}
+        for n, f in self.adapter.items():
+            download[f"{n}.a"], download[f"{n}.b"] = f.a[:rank], f.b[:, :rank]
+        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+
+    def plan(
+        self, client: int, adapter: Adapter, trained: dict[str, torch.Tensor], download: dict[str, torch.Tensor], client_flops: float = 0.0
+    ) -> ClientPlan:
         """A ``ClientPlan`` carrying the global head; ``download`` gets the head added."""
         extra = {n: t.clone() for n, t in self.extra.items()}
         return ClientPlan(client, adapter, trained, extra, {**download, **{f"extra.{n}": t for n, t in extra.items()}}, client_flops)
 
 
-def _weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """``Σ w_i t_i`` in fp32 (fp64 weights applied to fp32 copies)."""
     out = torch.zeros_like(tensors[0], dtype=torch.float32)
     for w, t in zip(weights.tolist(), tensors):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, _weighted_sum, first_modules, truncated
+from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
 
 
 class FedIT(Strategy):
@@ -18,18 +18,14 @@ class FedIT(Strategy):
         self.client_rank = client_rank
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
-        r = self.client_rank
-        adapter = {n: truncated(f, r) for n, f in self.adapter.items()}
-        idx = first_modules(r, self.rank, next(iter(adapter.values())).a.device)
-        download = {f"{n}.a": f.a[:r] for n, f in self.adapter.items()} | {f"{n}.b": f.b[:, :r] for n, f in self.adapter.items()}
-        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+        return self.truncated_plan(client, self.client_rank)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)
         for name, (a, b) in self.adapter.items():
             self.adapter[name] = Factors(
-                _weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
-                _weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
+                weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
+                weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
             )
         self.average_extra(updates, weights)
         return RoundResult()

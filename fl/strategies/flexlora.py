@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..costs import product_flops, svd_flops
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules, truncated
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
 
 
 class FlexLoRA(Strategy):
@@ -20,10 +20,7 @@ class FlexLoRA(Strategy):
         self.full: Adapter | None = None  # stacked (p_i A_i rows, B_i columns): ΔW exactly
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
-        adapter = {n: truncated(f, rank) for n, f in self.adapter.items()}
-        idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
-        download = {f"{n}.a": f.a[:rank] for n, f in self.adapter.items()} | {f"{n}.b": f.b[:, :rank] for n, f in self.adapter.items()}
-        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+        return self.truncated_plan(client, rank)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..costs import product_flops
-from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, _weighted_sum, first_modules, truncated
+from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
 
 
 class HetLoRA(Strategy):
@@ -32,10 +32,7 @@ class HetLoRA(Strategy):
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         r = min(rank, self.pruned_rank.get(client, rank))
-        adapter = {n: truncated(f, r) for n, f in self.adapter.items()}
-        idx = first_modules(r, self.rank, next(iter(adapter.values())).a.device)
-        download = {f"{n}.a": f.a[:r] for n, f in self.adapter.items()} | {f"{n}.b": f.b[:, :r] for n, f in self.adapter.items()}
-        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+        return self.truncated_plan(client, r)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         fallback = self.client_weights(updates)
@@ -45,8 +42,8 @@ class HetLoRA(Strategy):
             flops += sum(product_flops(b.shape[0], a.shape[1], len(u.trained[name])) for u in updates)
             weights = norms / norms.sum() if norms.sum() > 0 else fallback
             self.adapter[name] = Factors(
-                _weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
-                _weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
+                weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
+                weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
             )
         self.average_extra(updates, fallback)
         if self.prune_gamma is not None:
