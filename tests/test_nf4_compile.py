@@ -1,32 +1,17 @@
 """The fold and NF4 kernels compile for an H100 (sm_90) even where there is no GPU.
 
-The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects (non-constexpr
-globals, branch type mismatches, layouts). This test compiles every kernel variant ahead of time, in a
-subprocess without ``TRITON_INTERPRET``, through ``ptxas``.
+Every kernel variant is compiled ahead of time through ``ptxas`` (see ``aot_compile.py``).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
-import triton
+from aot_compile import SUPPORTED, compile_in_subprocess
 
 SCRIPT = r'''
-import inspect
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
+from aot_compile import build
 from kernels.fold._triton import _fold_kernel
 from kernels.nf4 import _triton as nf4
 from kernels.plora_linear_nf4._triton import _gemm_nf4_kernel
-
-def build(kernel, types, constants, **options):
-    fn = kernel.fn if isinstance(kernel, triton.runtime.autotuner.Autotuner) else kernel
-    names = list(inspect.signature(fn.fn).parameters)
-    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
-    constexprs = {(names.index(n),): v for n, v in constants.items()}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options)
 
 bf, f32 = "*bf16", "*fp32"
 for w, dot in ((bf, "tf32"), (f32, "ieee")):
@@ -47,9 +32,7 @@ print("compiled")
 '''
 
 
-@pytest.mark.skipif(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9), reason="ahead-of-time API as of Triton 3.9")
+@pytest.mark.skipif(not SUPPORTED, reason="ahead-of-time API as of Triton 3.9")
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    result = compile_in_subprocess(SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -15,16 +15,9 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET, device_guard, upcast_in_kernel
+from .._tl import round_to
 
 
-@triton.jit
-def round_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 ``x`` rounded to nearest-even in ``dtype``. The interpreter truncates fp32 -> bf16, so there
-    (``UPCAST``) bf16 rounding is done on the bit pattern first, which makes the final cast exact."""
-    if UPCAST and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit(do_not_specialize=["r"])

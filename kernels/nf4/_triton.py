@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET, device_guard, upcast_in_kernel
-from ..fold._triton import round_to
+from .._tl import round_to
 
 _TINY = tl.constexpr(1e-38)  # absmax floor for the reciprocal, as bitsandbytes clamps it
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET, autotune_configs, device_guard, upcast_in_kernel
+from .._tl import load_tile, round_to
 
 #: Launch arguments that carry the active set. Triton would specialise an int on being 1 or a multiple
 #: of 16, and a pointer on its alignment; these are exempt, so no active set ever triggers a compile.
@@ -32,14 +33,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 operands use exact fp32 products (torch's default for fp32 matmul), never tf32.
     return "ieee" if dtype == torch.float32 else "tf32"
 
-
-@triton.jit
-def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: tl.constexpr):
-    """Masked ``[len(offs_0), len(offs_1)]`` tile at ``ptr`` (zeros outside), in fp32 when ``UPCAST``."""
-    tile = tl.load(ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1, mask=mask_0[:, None] & mask_1[None, :], other=0.0)
-    if UPCAST:
-        tile = tile.to(tl.float32)
-    return tile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +155,7 @@ def _gemm_with_slab_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = round_to(acc, y_ptr.dtype.element_ty, UPCAST)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & mask_n[None, :])
 
 

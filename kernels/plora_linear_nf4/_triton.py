@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import autotune_configs, device_guard, upcast_in_kernel
-from ..fold._triton import round_to
+from .._tl import round_to
 from ..nf4._triton import block_absmax
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

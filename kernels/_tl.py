@@ -1,0 +1,23 @@
+"""Triton device functions shared by the kernels (called from inside ``@triton.jit`` code)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: tl.constexpr):
+    """Masked ``[len(offs_0), len(offs_1)]`` tile at ``ptr`` (zeros outside), in fp32 when ``UPCAST``."""
+    tile = tl.load(ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1, mask=mask_0[:, None] & mask_1[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``dtype``. The interpreter truncates fp32 -> bf16, so there
+    (``UPCAST``) bf16 rounding is done on the bit pattern first, which makes the final cast exact."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
