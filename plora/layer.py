@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kernels import plora_linear
+from kernels import plora_linear, plora_linear_nf4
 
 from . import _base
 
@@ -17,6 +17,7 @@ TRAINABLE, FROZEN, FOLDED = "trainable", "frozen", "folded"
 # torch.compile treats the fused op as an opaque eager call (one graph break per layer): Dynamo would
 # otherwise trace into its argument checks and kernel launches. Everything around it compiles.
 _fused_op = torch.compiler.disable(plora_linear)
+_fused_op_nf4 = torch.compiler.disable(plora_linear_nf4)
 MODES = ("merge", "exact")
 
 
@@ -39,7 +40,11 @@ class PLoRALinear(nn.Module):
 
     The forward runs the fused op in the compute dtype (the autocast dtype when autocast is on,
     otherwise the base weight's dtype, or the input's for 4-bit bases); master adapters keep their
-    own dtype and are cast (differentiably) for the op.
+    own dtype and are cast (differentiably) for the op. Float bases use ``kernels.plora_linear``.
+    NF4 bases use ``kernels.plora_linear_nf4`` on the packed weight (no dequantised weight is kept
+    between calls; backward re-dequantises into a temporary), with ``trainable`` set to the number of
+    selected modules so that frozen modules are evaluated as constant low-rank terms. Other 4-bit
+    types (FP4) dequantise the weight for ``kernels.plora_linear`` (rebuilt in backward, not saved).
     """
 
     def __init__(
@@ -110,10 +115,15 @@ class PLoRALinear(nn.Module):
     def select_and_fold(self, indices, mode: str | None = None, *, pristine: bool = False) -> None:
         """Keep ``indices`` trainable; fold (``"merge"``) or freeze (``"exact"``) the other modules.
 
-        ``mode=None`` picks ``"merge"`` for float bases and ``"exact"`` for 4-bit bases (NF4 rounds
-        most of a folded delta away: see the fidelity study). ``pristine=True`` keeps a host copy of
-        a float base so that :meth:`unfold` restores it bit-exactly; 4-bit merges always keep one
-        (packed, so cheap). Build the optimizer after this call.
+        ``mode=None`` picks ``"merge"`` for float bases and ``"exact"`` for 4-bit bases. A 4-bit fold
+        re-quantises the weight, and NF4 levels are 0.08-0.30 of a block maximum apart, so most of a
+        small folded delta rounds away: on a LoRA adapter trained for real (MiniLM-L6 on CoLA, rank 8,
+        ``‖Δ‖/‖W‖`` 0.04-0.20, NF4 blocks of 64, double quantisation) a fold keeps only ~30% of Δ
+        (``‖deq(fold(Wq)) − deq(Wq) − Δ‖ / ‖Δ‖`` = 0.69 weighted mean, 0.42-0.90 per matrix), while
+        the frozen low-rank terms of ``"exact"`` reproduce Δ's output to 0.8e-6-4.4e-6 relative in fp32
+        (``docs/readme/issue3.md``, ``python -m bench.nf4_fidelity``). ``pristine=True`` keeps a host
+        copy of a float base so that :meth:`unfold` restores it bit-exactly; 4-bit merges always keep
+        one (packed, so cheap). Build the optimizer after this call.
         """
         if self.is_selected:
             raise RuntimeError("select_and_fold was already called on this layer: call unfold() first")
@@ -240,7 +250,10 @@ class PLoRALinear(nn.Module):
         a, b = self._adapters(dtype)
         if not self.is_4bit:
             return self._forward(x, self.base_layer.weight.to(dtype), a, b, bias)
-        # The dequantised weight is not kept for backward: it is rebuilt from the packed codes there.
+        if getattr(self.base_layer.weight.quant_state, "quant_type", None) == "nf4":
+            return self._forward_nf4(x, a, b, bias)
+        # FP4 (no kernel reads it): the dequantised weight is not kept for backward, it is rebuilt from
+        # the packed codes there.
         weight = _base.dequantized_weight(self.base_layer, dtype)
         def pack(t: torch.Tensor):
             return (lambda: _base.dequantized_weight(self.base_layer, dtype)) if t is weight else t
@@ -255,6 +268,17 @@ class PLoRALinear(nn.Module):
         index = self.active_index
         h = self.dropout(x) @ a.index_select(0, index).T
         return F.linear(x, weight, bias) + self.scale * (h @ b.index_select(1, index).T)
+
+    def _forward_nf4(self, x, a, b, bias) -> torch.Tensor:
+        param, index = self.base_layer.weight, self.active_index
+        if self.dropout is None or not self.training:
+            # ``_adapters`` puts the selected modules first: only those are trainable in the op.
+            trainable = self.selected_index.numel() if "selected_index" in self._buffers else None
+            return _fused_op_nf4(x, param, a, b, index, self.scale, bias, trainable=trainable)
+        # Dropout on the adapter input only: the base term is the op with no module, the adapter unfused.
+        y = _fused_op_nf4(x, param, a, b, index[:0], self.scale, bias)
+        h = self.dropout(x) @ a.index_select(0, index).T
+        return y + self.scale * (h @ b.index_select(1, index).T)
 
     def extra_repr(self) -> str:
         counts = {s: self._states.count(s) for s in (TRAINABLE, FROZEN, FOLDED)}

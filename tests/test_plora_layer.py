@@ -183,3 +183,99 @@ def test_bf16_merge_unfold_drift_is_bounded_and_pristine_is_exact():
             assert 0 < drift < 0.05 * weight.float().abs().max().item()
             with torch.no_grad():
                 layer.base_layer.weight.copy_(weight)
+
+
+def _linear4bit(quant_type, n=32, k=64, seed=0):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(seed)
+    dense = nn.Linear(k, n)
+    base = bnb.nn.Linear4bit(k, n, compute_dtype=torch.float32, quant_type=quant_type)
+    base.load_state_dict(dense.state_dict())
+    return base.to("cpu"), bnb.functional.dequantize_4bit
+
+
+def _spy_nf4_op(monkeypatch):
+    import plora.layer
+
+    calls = []
+    op = plora.layer._fused_op_nf4
+
+    def spy(x, param, lora_a, lora_b, active, scale, bias=None, **kwargs):
+        calls.append((active.tolist(), kwargs.get("trainable")))
+        return op(x, param, lora_a, lora_b, active, scale, bias, **kwargs)
+
+    monkeypatch.setattr(plora.layer, "_fused_op_nf4", spy)
+    return calls
+
+
+def test_nf4_base_runs_the_nf4_op_with_selected_modules_trainable_and_frozen_ones_exact(monkeypatch):
+    calls = _spy_nf4_op(monkeypatch)
+    base, dequantize = _linear4bit("nf4")
+    layer = plora.PLoRALinear(base, 6, scale=0.5)
+    with torch.no_grad():
+        layer.lora_b.normal_(std=0.3)
+    x = torch.randn(3, 64, requires_grad=True)
+    dy = torch.randn(3, 32)
+    y = layer(x)
+    assert calls == [([0, 1, 2, 3, 4, 5], None)]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.lora_a, layer.lora_b)]
+    weight = dequantize(base.weight.data, base.weight.quant_state)
+    ref = plora_linear_reference(leaves[0], weight, leaves[1], leaves[2], torch.arange(6), 0.5, base.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.backward(dy)
+    ref.backward(dy)
+    for ours, expected in zip((x, layer.lora_a, layer.lora_b), leaves):
+        torch.testing.assert_close(ours.grad, expected.grad, rtol=1e-5, atol=1e-5)
+
+    layer.select_and_fold([4, 1])  # 4-bit default: exact, base untouched
+    assert layer.states == ["frozen", "trainable", "frozen", "frozen", "trainable", "frozen"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["selected_a", "selected_b"]
+    x.grad = layer.lora_a.grad = layer.lora_b.grad = None
+    y = layer(x)
+    assert calls[-1] == ([0, 1, 2, 3, 4, 5], 2)  # selected modules first, then the four frozen ones
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-5, atol=1e-5)
+    y.backward(dy)
+    assert layer.lora_a.grad is None and layer.lora_b.grad is None
+    torch.testing.assert_close(layer.selected_a.grad, leaves[1].grad[[1, 4]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.selected_b.grad, leaves[2].grad[:, [1, 4]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, leaves[0].grad, rtol=1e-5, atol=1e-5)
+
+    fp4 = plora.PLoRALinear(_linear4bit("fp4")[0], 2, scale=1.0)
+    fp4(torch.randn(2, 64)).sum().backward()
+    assert len(calls) == 2  # FP4 stays on the dequantise + plora_linear path
+
+
+def test_nf4_base_dropout_trains_selected_modules_only():
+    base, _ = _linear4bit("nf4")
+    layer = plora.PLoRALinear(base, 4, scale=1.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_b.normal_(std=0.3)
+    x = torch.randn(8, 64)
+    layer.eval()
+    fused = layer(x)
+    layer.select_and_fold([2])
+    torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)
+    layer.train()
+    torch.manual_seed(3)
+    dropped = layer(x)
+    assert not torch.allclose(dropped, fused)
+    dropped.square().sum().backward()
+    assert layer.selected_a.grad.abs().sum() > 0 and layer.lora_a.grad is None
+
+
+def test_4bit_exact_keeps_the_delta_that_a_4bit_merge_rounds_away():
+    """The reason for the 4-bit default (docs/readme/issue3.md): a fold re-quantises a small delta away."""
+    base, _ = _linear4bit("nf4", n=64, k=128)
+    layer = plora.PLoRALinear(base, 4, scale=1.0)
+    with torch.no_grad():  # ‖Δ‖/‖W‖ about 0.05, within the range of trained LoRA deltas (0.04-0.20)
+        layer.lora_b.normal_(std=0.03)
+    x = torch.randn(16, 128)
+    with torch.no_grad():
+        y = layer(x)
+        delta = (y - base(x)).norm()
+        errors = {}
+        for mode in ("exact", "merge"):
+            layer.select_and_fold([], mode=mode)  # every module frozen or folded
+            errors[mode] = ((layer(x) - y).norm() / delta).item()
+            layer.unfold()
+    assert errors["exact"] < 1e-5 and errors["merge"] > 0.2, errors

@@ -44,12 +44,15 @@ def test_trainer_with_gradient_checkpointing(tmp_path, bf16):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
-def test_4bit_model_trains_with_gradient_checkpointing():
+@pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
+def test_4bit_model_trains_with_gradient_checkpointing(quant_type):
     bnb = pytest.importorskip("bitsandbytes")
     model = tiny_model("llama")
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, nn.Linear):
-            quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=False, compute_dtype=torch.float32)
+            quantized = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=False, compute_dtype=torch.float32, quant_type=quant_type
+            )
             quantized.load_state_dict(module.state_dict())
             parent, _, child = name.rpartition(".")
             setattr(model.model.layers.get_submodule(parent), child, quantized.to("cpu"))
@@ -62,6 +65,9 @@ def test_4bit_model_trains_with_gradient_checkpointing():
     model(ids, labels=ids).loss.backward()
     layers = plora.plora_layers(model)
     assert all(layer.is_4bit and layer.lora_a.grad.abs().sum() > 0 for layer in layers.values())
+    plora.select_and_fold(model, [1])  # 4-bit default: exact, the other modules frozen terms
+    model(ids, labels=ids).loss.backward()
+    assert all(layer.selected_a.grad.abs().sum() > 0 and layer.selected_b.grad.abs().sum() > 0 for layer in layers.values())
 
 
 def test_torch_compile_runs_the_fused_op_eagerly_between_compiled_graphs():
