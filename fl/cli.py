@@ -1,4 +1,5 @@
-"""``python -m fl run``: one command for any method on any task, from a config file and flags."""
+"""``python -m fl run``: one command for any method on any task, from a config file and flags;
+``python -m fl resume <run_dir>``: continue a killed run."""
 
 from __future__ import annotations
 
@@ -41,27 +42,41 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    resume = sub.add_parser("resume", help="continue a killed run from its last per-round checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
+    resume.add_argument("--data-dir", help="where the run's data now lies, if it moved")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    _quiet_transformers()
+    command = "python -m fl " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "resume":
+        from .experiment import resume_experiment
+
+        directory, table = resume_experiment(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir)
+        print(f"\n{table}\n\nrun directory: {directory} (resumed)")
+        return 0
     overrides = [f"{key}={_toml(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     if args.methods:
         overrides.append(f"methods.names={_toml([m.strip() for m in args.methods.split(',') if m.strip()])}")
     config = load_config(args.config, overrides + args.set)
-    from transformers.utils import logging as hf_logging
-
     from .experiment import run_experiment  # heavy imports only when running
 
-    hf_logging.set_verbosity_error()  # no load reports (a fresh head is expected)
-    hf_logging.disable_progress_bar()
-
-    command = "python -m fl " + " ".join(shlex.quote(a) for a in argv)
     directory, table = run_experiment(config, command, progress=not args.no_progress)
     print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
     return 0
+
+
+def _quiet_transformers() -> None:
+    """No load reports (a fresh head is expected) and no download bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _toml(value) -> str:

@@ -1,24 +1,48 @@
-"""What a simulated client does on the shared model: local training (AdamW) and evaluation."""
+"""What a simulated client does on the shared model: a round's fit (load, fold, train, read back, unfold),
+local training (AdamW) and evaluation."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+import plora
+
 from .data import TaskSpec, score
 from .data.tokenize import collate
+from .model import read_adapter, write_adapter
+from .strategies import ClientPlan, ClientUpdate
 
 
 @dataclass
 class TrainStats:
-    """Mean training loss over the local steps, steps taken, and tokens processed (padded)."""
+    """Mean training loss over the local steps, steps taken, tokens processed (padded), and wall seconds."""
 
     loss: float
     steps: int
     tokens: int
+    seconds: float = 0.0
+
+
+def fit(model: nn.Module, plan: ClientPlan, features: list[dict], fold_mode: str, **train) -> tuple[ClientUpdate, TrainStats]:
+    """One client's round on the shared ``model``: load ``plan``, Select-N-Fold (``pristine``), train
+    (``train``: the keywords of ``train_local``), read the factors back. The base is restored and the
+    gradients dropped even when training raises, so that the next client starts clean."""
+    write_adapter(model, plan.adapter, plan.extra)
+    plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, fold_mode, pristine=True)
+    try:
+        stats = train_local(model, features, **train)
+        adapter, extra = read_adapter(model)
+    finally:
+        plora.unfold(model)
+        for p in model.parameters():
+            p.grad = None
+        model.eval()
+    return ClientUpdate(plan.client, len(features), adapter, plan.trained, extra), stats
 
 
 def precision_context(device: torch.device, dtype: torch.dtype | None):
@@ -53,6 +77,7 @@ def train_local(
     """``steps`` AdamW steps on the parameters that currently require grad (build after the fold)."""
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
+    start = time.perf_counter()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -70,7 +95,7 @@ def train_local(
         total += float(loss.detach())
         tokens += batch["input_ids"].numel()
     model.eval()
-    return TrainStats(total / steps, steps, tokens)
+    return TrainStats(total / steps, steps, tokens, time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ class FederationSection:
     rank_scheme: str = "uniform"  # uniform | cycle | heavy_tail | fixed
     rank_choices: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     weighting: str = "data"  # data | uniform
+    update_norm_bound: float = 1000.0  # reject a client update whose change (L2, all tensors) exceeds it; inf: off
 
 
 @dataclass
@@ -80,6 +81,15 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file)."""
+        config = cls()
+        for section, table in data.items():
+            for key, value in table.items():
+                _apply(config, section, key, value, "config dict")
+        return config
 
 
 def _apply(config: Config, section: str, key: str, value, origin: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .data import get_task, load_examples, resolve_data_dir
 from .data.tokenize import encode_classification, encode_generation_eval, encode_generation_train
@@ -72,23 +74,35 @@ def client_summary(fed: Federation) -> list[dict]:
     return out
 
 
-def run_experiment(config: Config, command: str = "", progress: bool = True) -> tuple[Path, str]:
-    """Run every method of ``config`` and write the run directory; returns ``(directory, table)``."""
+def run_experiment(config: Config, command: str = "", progress: bool = True, resume: bool = False) -> tuple[Path, str]:
+    """Run every method of ``config`` and write the run directory; returns ``(directory, table)``.
+
+    A checkpoint is written after every round. ``resume``: continue the run already in the directory
+    from its checkpoints (``metrics.jsonl`` is cut back to them, finished methods are not re-run).
+    """
     unknown = [m for m in config.methods.names if m not in STRATEGIES]
     if unknown:
         raise KeyError(f"unknown methods {unknown}; choose from {', '.join(STRATEGIES)}")
     device = pick_device(config.run.device)
     base_dtype, autocast_dtype = precision(config.model.precision, device)
-    writer = RunWriter(Path(config.run.out_dir) / config.run.name)
-    writer.write_json("config.json", {**config.to_dict(), "command": command})
+    directory = Path(config.run.out_dir) / config.run.name
+    saved = {m: load_checkpoint(directory / "checkpoints", m) for m in config.methods.names} if resume else {}
+    writer = RunWriter(directory, [r for c in saved.values() if c is not None for r in c.records])
+    if not resume:
+        writer.write_json("config.json", {**config.to_dict(), "command": command})
     tokenizer = load_tokenizer(config.model.name)
     fed = build_federation(config, tokenizer)
     writer.write_json("clients.json", client_summary(fed))
     task = fed.task
     results = {}
     for method in config.methods.names:
+        checkpoint = saved.get(method)
+        if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
+            results[method] = checkpoint.records
+            continue
         model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
-        bar = tqdm(total=config.federation.rounds, desc=f"{method:>9}", disable=not progress, leave=True)
+        done = checkpoint.rounds_done if checkpoint else 0
+        bar = tqdm(total=config.federation.rounds, initial=done, desc=f"{method:>9}", disable=not progress, leave=True)
 
         def on_round(record: dict) -> None:
             writer.append(record)
@@ -96,9 +110,35 @@ def run_experiment(config: Config, command: str = "", progress: bool = True) -> 
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", **({task.metric: f"{score:.3f}"} if score is not None else {}))
             bar.update()
 
-        results[method] = simulate(config, method, fed, model, tokenizer, autocast_dtype, on_round)
+        results[method] = simulate(
+            config,
+            method,
+            fed,
+            model,
+            tokenizer,
+            autocast_dtype,
+            on_round,
+            resume=checkpoint,
+            on_checkpoint=lambda c: save_checkpoint(writer.checkpoints, c),
+        )
         bar.close()
         del model
     table = writer.finish(results, task.metric, command)
     return writer.dir, table
+
+
+def resume_experiment(directory: Path, progress: bool = True, data_dir: str | None = None) -> tuple[Path, str]:
+    """Continue the run in ``directory`` (killed or finished) with its own ``config.json``; the results
+    equal those of an uninterrupted run. ``data_dir`` replaces the recorded data directory (same data)."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a run directory: no config.json")
+    saved = json.loads(path.read_text())
+    command = saved.pop("command", "")
+    config = Config.from_dict(saved)
+    config.run.out_dir, config.run.name = str(directory.parent), directory.name
+    if data_dir is not None:
+        config.task.data_dir = data_dir
+    return run_experiment(config, command, progress, resume=True)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from .storage import append_jsonl, atomic_write, atomic_write_json, write_jsonl
 
 #: Bytes per MiB, for the table and plots.
 MB = 2**20
@@ -19,6 +20,10 @@ def _last(records: list[dict], key: str):
 def _mean(records: list[dict], key: str):
     values = [r[key] for r in records if r.get(key) is not None]
     return float(np.mean(values)) if values else None
+
+
+def _scaled(value, factor):
+    return None if value is None else value * factor
 
 
 def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
@@ -35,9 +40,9 @@ def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
                 "final loss": _last(records, "train_loss"),
                 "init noise": _mean(records, "init_noise"),
                 "agg noise": _mean(records, "agg_noise"),
-                "down MiB/client": _mean(records, "bytes_down_bf16") / MB,
-                "up MiB/client": _mean(records, "bytes_up_bf16") / MB,
-                "trainable": int(_mean(records, "trainable_params")),
+                "down MiB/client": _scaled(_mean(records, "bytes_down_bf16"), 1 / MB),
+                "up MiB/client": _scaled(_mean(records, "bytes_up_bf16"), 1 / MB),
+                "trainable": None if _mean(records, "trainable_params") is None else int(_mean(records, "trainable_params")),
                 "train TFLOP": sum(r["train_flops"] for r in records) / 1e12,
                 "fold+SVD GFLOP": sum(r["fold_flops"] + r["server_flops"] for r in records) / 1e9,
                 "peak MiB": max(r["peak_memory_bytes"] for r in records) / MB,
@@ -73,12 +78,12 @@ def plot_curves(results: dict[str, list[dict]], metric: str, path: Path) -> Path
 
     panels = [
         (f"eval {metric}", lambda rs: [(r["round"], r[f"eval_{metric}"]) for r in rs if f"eval_{metric}" in r]),
-        ("train loss", lambda rs: [(r["round"], r["train_loss"]) for r in rs]),
+        ("train loss", lambda rs: [(r["round"], r["train_loss"]) for r in rs if r["train_loss"] is not None]),
         ("initialisation noise", lambda rs: [(r["round"], r["init_noise"]) for r in rs if r["init_noise"] is not None]),
         ("aggregation noise", lambda rs: [(r["round"], r["agg_noise"]) for r in rs if r["agg_noise"] is not None]),
         (
             "cumulative MiB per client (down + up, bf16)",
-            lambda rs: list(zip([r["round"] for r in rs], np.cumsum([(r["bytes_down_bf16"] + r["bytes_up_bf16"]) / MB for r in rs]))),
+            lambda rs: list(zip([r["round"] for r in rs], np.cumsum([((r["bytes_down_bf16"] or 0) + (r["bytes_up_bf16"] or 0)) / MB for r in rs]))),
         ),
         ("wall time per round (s)", lambda rs: [(r["round"], sum(v for k, v in r.items() if k.startswith("time_"))) for r in rs]),
     ]
@@ -100,27 +105,31 @@ def plot_curves(results: dict[str, list[dict]], metric: str, path: Path) -> Path
 
 class RunWriter:
     """The run directory: ``config.json``, ``clients.json``, ``metrics.jsonl`` (one line per method and
-    round, appended as rounds finish), and at the end ``summary.md``, ``summary.json`` and ``curves.png``."""
+    round, appended as rounds finish), ``checkpoints/``, and at the end ``summary.md``, ``summary.json``
+    and ``curves.png``. Every file is written atomically; ``metrics.jsonl`` lines are appended whole.
 
-    def __init__(self, directory: Path):
+    ``records``: the lines ``metrics.jsonl`` starts with (those of the checkpoints, on resume).
+    """
+
+    def __init__(self, directory: Path, records: list[dict] = ()):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        write_jsonl(self.metrics_path, list(records))
 
     def write_json(self, name: str, payload) -> Path:
         path = self.dir / name
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(path, payload)
         return path
 
     def append(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.metrics_path, record)
 
     def finish(self, results: dict[str, list[dict]], metric: str, command: str) -> str:
         rows = summary_rows(results, metric)
         table = markdown_table(rows)
-        (self.dir / "summary.md").write_text(f"```\n{command}\n```\n\n{table}\n")
+        atomic_write(self.dir / "summary.md", f"```\n{command}\n```\n\n{table}\n".encode())
         self.write_json("summary.json", rows)
         plot_curves(results, metric, self.dir / "curves.png")
         return table

@@ -127,6 +127,23 @@ class Strategy(ABC):
         a, b = self.adapter[name]
         return b.float() @ a.float()
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Everything later rounds depend on, for a checkpoint: tensors by name, and JSON-able values."""
+        tensors = {f"adapter.{n}.{p}": t for n, f in self.adapter.items() for p, t in zip("ab", f)}
+        tensors.update({f"extra.{n}": t for n, t in self.extra.items()})
+        return tensors, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore ``state()`` (tensors are moved to the device of the current ones)."""
+        self.adapter = {
+            n: Factors(tensors[f"adapter.{n}.a"].to(f.a.device), tensors[f"adapter.{n}.b"].to(f.b.device)) for n, f in self.adapter.items()
+        }
+        self.extra = {n: tensors[f"extra.{n}"].to(t.device) for n, t in self.extra.items()}
+
+    def merged_updates(self) -> list[Adapter]:
+        """The base updates merged so far, in order (replayed onto a fresh base on resume); none by default."""
+        return []
+
     # shared helpers -----------------------------------------------------------------------------
 
     def client_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:

@@ -19,6 +19,17 @@ class FlexLoRA(Strategy):
         super().__init__(*args, **kwargs)
         self.full: Adapter | None = None  # stacked (p_i A_i rows, B_i columns): ΔW exactly
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        if self.full is not None:
+            tensors.update({f"full.{n}.{p}": t for n, f in self.full.items() for p, t in zip("ab", f)})
+        return tensors, {**meta, "full": self.full is not None}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        device = next(iter(self.adapter.values())).a.device
+        self.full = {n: Factors(tensors[f"full.{n}.a"].to(device), tensors[f"full.{n}.b"].to(device)) for n in self.adapter} if meta["full"] else None
+
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         return self.truncated_plan(client, rank)
 

@@ -25,6 +25,26 @@ class FLoRA(Strategy):
         self.last_round: dict[int, int] = {}  # client -> number of stacks it has merged
         self._fresh_round = -1
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        for t, stack in enumerate(self.stacks):
+            tensors.update({f"stack{t}.{n}.{p}": v for n, f in stack.items() for p, v in zip("ab", f)})
+        meta = {**meta, "stacks": len(self.stacks), "last_round": {str(c): k for c, k in self.last_round.items()}, "fresh_round": self._fresh_round}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        device = next(iter(self.adapter.values())).a.device
+        self.stacks = [
+            {n: Factors(tensors[f"stack{t}.{n}.a"].to(device), tensors[f"stack{t}.{n}.b"].to(device)) for n in self.adapter}
+            for t in range(meta["stacks"])
+        ]
+        self.last_round = {int(c): k for c, k in meta["last_round"].items()}
+        self._fresh_round = meta["fresh_round"]
+
+    def merged_updates(self) -> list[Adapter]:
+        return list(self.stacks)
+
     def _fresh(self, rnd: int) -> None:
         """New modules for round ``rnd``: ``a ~ U(-1/√K, 1/√K)`` (LoRA's Kaiming-uniform), ``b = 0``."""
         if self._fresh_round == rnd:

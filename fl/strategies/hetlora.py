@@ -30,6 +30,16 @@ class HetLoRA(Strategy):
         self.pruned_rank: dict[int, int] = {}
         self._tail_norm: dict[int, tuple[int, float]] = {}
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        tails = {str(c): list(v) for c, v in self._tail_norm.items()}
+        return tensors, {**meta, "pruned_rank": {str(c): r for c, r in self.pruned_rank.items()}, "tail_norm": tails}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        self.pruned_rank = {int(c): r for c, r in meta["pruned_rank"].items()}
+        self._tail_norm = {int(c): (r, norm) for c, (r, norm) in meta["tail_norm"].items()}
+
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         r = min(rank, self.pruned_rank.get(client, rank))
         return self.truncated_plan(client, r)
