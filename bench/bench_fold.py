@@ -1,143 +1,143 @@
-"""Drive the fold / NF4 benchmarks, print the tables with their targets and write
-``bench/results/bench_fold-<device>.json``.
+"""pytest-benchmark suite of the folds and the NF4 forward, each beside its reference in the same run.
 
-    python -m bench.bench_fold                 # full GPU run (plus the fidelity table), or a CPU smoke run
-    python -m bench.bench_fold --no-fidelity   # skip the adapter training of bench.nf4_fidelity
-    python -m bench.bench_fold -- -k fold_nf4  # arguments after -- go to pytest (select cases)
+* ``copy`` / ``fold``: device-to-device copy of W and ``kernels.fold_`` (bf16): bandwidth, and the peak
+  memory of a fold above what was allocated before (0: no ``[N, K]`` temporary);
+* ``peft_merge_nf4`` / ``fold_nf4``: PEFT's ``merge()`` of a LoRA into a bitsandbytes 4-bit layer and
+  ``kernels.fold_nf4_`` into the same kind of ``Params4bit`` (NF4, blocks of 64, double quantisation);
+* ``fwd_bf16`` / ``fwd_nf4_temporary`` / ``fwd_nf4_fused`` / ``fwd_bnb_peft``: our fused forward on a
+  bf16 weight, ``plora_linear_nf4`` in both dequantisation modes, and bitsandbytes ``matmul_4bit`` plus
+  PEFT-style LoRA.
 
-Targets (H100): bf16 fold >= 85% of copy bandwidth; NF4 fold >= 100x faster than PEFT's 4-bit merge;
-NF4 PLoRA forward <= 1.10x our bf16 fused forward at M = 4096.
+Run through ``python -m bench.fold`` (table, ratios, JSON). Every timed call ends with a CUDA
+synchronisation; each case also records the CUDA-event median (``triton.testing.do_bench``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import tempfile
-from pathlib import Path
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 
 import pytest
+import torch
 
-from bench.common import format_table, on_gpu, write_result
+from bench.common import median_ms, on_gpu, peak_memory_bytes, synced
+from kernels import fold_, fold_nf4_, plora_linear, plora_linear_nf4
 
-SUITE = Path(__file__).resolve().parent / "bench_fold_suite.py"
+RANK, FOLDED, SCALE = 64, 32, 0.5
 
+if on_gpu():
+    DTYPE = torch.bfloat16
+    FOLD_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [N, K]
+    FWD_CASES = [(m, k, n) for m in (16, 4096) for k, n in ((4096, 4096), (4096, 11008))]
+    ROUNDS, WARMUP = 20, 3
+else:  # smoke configuration through the Triton interpreter
+    DTYPE = torch.bfloat16
+    FOLD_SHAPES = [(128, 256)]
+    FWD_CASES = [(64, 256, 128)]
+    ROUNDS, WARMUP = 2, 1
 
-def _ms(entry: dict | None) -> float | None:
-    """CUDA-event median where measured (GPU), else pytest-benchmark's synchronised median."""
-    if entry is None:
-        return None
-    events = entry["extra_info"].get("median_ms_events")
-    return events if events is not None else entry["stats"]["median"] * 1e3
-
-
-def _ratio(num, den):
-    return None if num is None or den is None else num / den
-
-
-def fold_rows(entries: dict) -> list[dict]:
-    rows = []
-    for (n, k) in sorted({(e["extra_info"]["N"], e["extra_info"]["K"]) for e in entries.values() if "folded" in e["extra_info"]}):
-        get = lambda variant: entries.get(("fold", variant, n, k))  # noqa: E731
-        fold, copy = get("fold"), get("copy")
-        moved = fold["extra_info"]["bytes"] if fold else None
-        row = {
-            "N": n, "K": k,
-            "fold_ms": _ms(fold), "copy_ms": _ms(copy),
-            "fold_GBps": _ratio(moved, _ms(fold) and _ms(fold) * 1e6),
-            "copy_GBps": _ratio(moved, _ms(copy) and _ms(copy) * 1e6),
-            "fold_peak_extra_bytes": fold["extra_info"]["peak_bytes"] if fold else None,
-            "fold_nf4_ms": _ms(get("fold_nf4")), "peft_merge_nf4_ms": _ms(get("peft_merge_nf4")),
-        }  # fmt: skip
-        row["fold/copy_bandwidth"] = _ratio(row["fold_GBps"], row["copy_GBps"])
-        row["peft_merge/fold_nf4"] = _ratio(row["peft_merge_nf4_ms"], row["fold_nf4_ms"])
-        rows.append(row)
-    return rows
+FOLD_VARIANTS = ["copy", "fold", "peft_merge_nf4", "fold_nf4"]
+FWD_VARIANTS = ["fwd_bf16", "fwd_nf4_temporary", "fwd_nf4_fused", "fwd_bnb_peft"]
 
 
-def forward_rows(entries: dict) -> list[dict]:
-    rows = []
-    for m, k, n in sorted({(e["extra_info"]["M"], e["extra_info"]["K"], e["extra_info"]["N"]) for e in entries.values() if "M" in e["extra_info"]}):
-        get = lambda variant: _ms(entries.get(("fwd", variant, m, k, n)))  # noqa: E731
-        row = {
-            "M": m, "K": k, "N": n,
-            "bf16_fused_ms": get("fwd_bf16"), "nf4_temporary_ms": get("fwd_nf4_temporary"),
-            "nf4_fused_ms": get("fwd_nf4_fused"), "bnb_peft_ms": get("fwd_bnb_peft"),
-        }  # fmt: skip
-        row["nf4_temporary/bf16"] = _ratio(row["nf4_temporary_ms"], row["bf16_fused_ms"])
-        row["nf4_fused/bf16"] = _ratio(row["nf4_fused_ms"], row["bf16_fused_ms"])
-        best = min((v for v in (row["nf4_temporary_ms"], row["nf4_fused_ms"]) if v is not None), default=None)
-        row["bnb_peft/nf4_best"] = _ratio(row["bnb_peft_ms"], best)
-        rows.append(row)
-    return rows
+def _device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
 
 
-def index(benchmarks: list[dict]) -> dict:
-    entries = {}
-    for entry in benchmarks:
-        info = entry["extra_info"]
-        if "folded" in info:
-            entries[("fold", info["variant"], info["N"], info["K"])] = entry
-        else:
-            entries[("fwd", info["variant"], info["M"], info["K"], info["N"])] = entry
-    return entries
+def _adapter(n: int, k: int, seed: int):
+    gen = torch.Generator(device=_device()).manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen, device=_device()).mul_(std).to(DTYPE)
+
+    weight = rand(n, k, std=k**-0.5)
+    lora_a, lora_b = rand(RANK, k, std=k**-0.5), rand(n, RANK, std=0.02)
+    indices = torch.randperm(RANK, generator=gen, device=_device())[:FOLDED]
+    return weight, lora_a, lora_b, indices
 
 
-def targets(folds: list[dict], forwards: list[dict]) -> list[str]:
-    lines = []
-    for row in folds:
-        lines.append(f"bf16 fold {row['N']}x{row['K']}: {_fmt(row['fold/copy_bandwidth'])} of copy bandwidth (target >= 0.85)")
-        lines.append(f"NF4 fold {row['N']}x{row['K']}: {_fmt(row['peft_merge/fold_nf4'])}x faster than PEFT's 4-bit merge (target >= 100)")
-    for row in forwards:
-        if row["M"] == 4096 or not on_gpu():
-            best = min((v for v in (row["nf4_temporary/bf16"], row["nf4_fused/bf16"]) if v is not None), default=None)
-            lines.append(f"NF4 forward M={row['M']} {row['K']}->{row['N']}: {_fmt(best)}x our bf16 fused forward (target <= 1.10 at M = 4096)")
-    return lines
+def _params4bit(weight: torch.Tensor):
+    import bitsandbytes as bnb
+
+    return bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True).to(weight.device)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
+def _peft_lora_4bit(weight, lora_a, lora_b, indices):
+    """A PEFT LoRA layer (rank = the folded count) over a bitsandbytes Linear4bit holding ``weight``."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    n, k = weight.shape
+    holder = torch.nn.Module()
+    holder.proj = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=DTYPE, quant_type="nf4", compress_statistics=True)
+    holder.proj.weight = _params4bit(weight)
+    holder.is_loaded_in_4bit = True  # how PEFT recognises a 4-bit model (transformers sets it)
+    model = get_peft_model(holder, LoraConfig(r=FOLDED, lora_alpha=SCALE * FOLDED, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a[indices].float())
+        layer.lora_B["default"].weight.copy_(lora_b[:, indices].float())
+    return model, layer
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description="fold / NF4 benchmarks")
-    parser.add_argument("--fidelity", dest="fidelity", action="store_true", default=on_gpu(), help="also run bench.nf4_fidelity (default on a GPU)")
-    parser.add_argument("--no-fidelity", dest="fidelity", action="store_false")
-    args, pytest_args = parser.parse_known_args(argv)
-    pytest_args = [a for a in pytest_args if a != "--"]
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        code = pytest.main([str(SUITE), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *pytest_args])
-        if code != 0 or not raw_path.exists():
-            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
-            return int(code) or 1
-        raw = json.loads(raw_path.read_text())
-    entries = index(raw["benchmarks"])
-    folds, forwards = fold_rows(entries), forward_rows(entries)
-    print()
-    print(format_table(folds, [
-        "N", "K", "fold_ms", "copy_ms", "fold_GBps", "copy_GBps", "fold/copy_bandwidth", "fold_peak_extra_bytes",
-        "fold_nf4_ms", "peft_merge_nf4_ms", "peft_merge/fold_nf4",
-    ]))  # fmt: skip
-    print()
-    print(format_table(forwards, [
-        "M", "K", "N", "bf16_fused_ms", "nf4_temporary_ms", "nf4_fused_ms", "bnb_peft_ms",
-        "nf4_temporary/bf16", "nf4_fused/bf16", "bnb_peft/nf4_best",
-    ]))  # fmt: skip
-    summary = targets(folds, forwards)
-    print("\n" + "\n".join(summary))
-    if not on_gpu():
-        print("\n(CPU smoke run through the Triton interpreter: the ratios say nothing about GPU speed.)")
-    path = write_result("bench_fold", {"folds": folds, "forwards": forwards, "targets": summary, "pytest_benchmark": raw})
-    print(f"\nwrote {path}")
-    if args.fidelity:
-        from bench import nf4_fidelity
-
-        return nf4_fidelity.main([])
-    print("fidelity table: python -m bench.nf4_fidelity (trains an adapter; minutes on CPU)")
-    return 0
+def fold_call(variant: str, n: int, k: int):
+    """``(call, setup, info)`` for a fold-side variant; ``setup`` (untimed) runs before each call."""
+    weight, lora_a, lora_b, indices = _adapter(n, k, seed=n + k)
+    if variant == "copy":
+        dst = torch.empty_like(weight)
+        return (lambda: dst.copy_(weight)), None, {"bytes": 2 * weight.numel() * weight.element_size()}
+    if variant == "fold":
+        return (lambda: fold_(weight, lora_a, lora_b, indices, SCALE)), None, {"bytes": 2 * weight.numel() * weight.element_size()}
+    if variant == "fold_nf4":
+        param = _params4bit(weight)
+        return (lambda: fold_nf4_(param, lora_a, lora_b, indices, SCALE)), None, {}
+    _, layer = _peft_lora_4bit(weight, lora_a, lora_b, indices)
+    return (lambda: layer.merge()), (lambda: layer.unmerge()), {}
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def fwd_call(variant: str, m: int, k: int, n: int):
+    import bitsandbytes as bnb
+
+    weight, lora_a, lora_b, active = _adapter(n, k, seed=m + n + k)
+    x = torch.randn(m, k, device=_device()).to(DTYPE)
+    if variant == "fwd_bf16":
+        return lambda: plora_linear(x, weight, lora_a, lora_b, active, SCALE)
+    param = _params4bit(weight)
+    if variant.startswith("fwd_nf4"):
+        mode = variant.rsplit("_", 1)[1]
+        return lambda: plora_linear_nf4(x, param, lora_a, lora_b, active, SCALE, dequant=mode)
+    a_act, b_act = lora_a[active].contiguous(), lora_b[:, active].contiguous()
+    return lambda: bnb.matmul_4bit(x, param.t(), quant_state=param.quant_state) + (x @ a_act.T) @ b_act.T * SCALE
+
+
+FOLD_CASES = [(n, k, v) for n, k in FOLD_SHAPES for v in FOLD_VARIANTS]
+
+
+@pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: f"{c[2]}-N{c[0]}-K{c[1]}")
+def test_fold(benchmark, case):
+    n, k, variant = case
+    call, setup, info = fold_call(variant, n, k)
+    info.update({"N": n, "K": k, "R": RANK, "folded": FOLDED, "variant": variant, "dtype": str(DTYPE)})
+    if setup is None:
+        info["median_ms_events"] = median_ms(call) if on_gpu() else None
+        info["peak_bytes"] = peak_memory_bytes(call)
+        benchmark.pedantic(synced(call), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    else:  # PEFT's merge refuses to merge twice: unmerge (untimed) before every timed merge
+        benchmark.pedantic(synced(call), setup=setup, rounds=min(ROUNDS, 5), warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update(info)
+
+
+FWD_CASES_ALL = [(m, k, n, v) for m, k, n in FWD_CASES for v in FWD_VARIANTS]
+
+
+@pytest.mark.parametrize("case", FWD_CASES_ALL, ids=lambda c: f"{c[3]}-M{c[0]}-K{c[1]}-N{c[2]}")
+def test_forward(benchmark, case):
+    m, k, n, variant = case
+    call = fwd_call(variant, m, k, n)
+    info = {"M": m, "K": k, "N": n, "R": RANK, "active": FOLDED, "variant": variant, "dtype": str(DTYPE)}
+    info["median_ms_events"] = median_ms(call) if on_gpu() else None
+    info["peak_bytes"] = peak_memory_bytes(call)
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(synced(call), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)

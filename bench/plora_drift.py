@@ -1,6 +1,6 @@
 """Drift of a base weight after repeated merge/unfold (Select-N-Fold) cycles, per dtype.
 
-    python -m bench.bench_plora_drift     # writes bench/results/plora_drift-<device>.json
+    python -m bench.plora_drift     # writes bench/results/plora_drift-<device>.json
 
 Each cycle folds a random 12 of R = 16 modules (``select_and_fold(mode="merge")``, a random 4 kept)
 and unfolds them; the largest absolute change of the weight is reported after 1, 10 and 100 cycles,
