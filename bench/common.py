@@ -116,3 +116,19 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in grid]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_suite(suite: Path, pytest_args: list[str]) -> dict | None:
+    """Run a pytest-benchmark ``suite`` file and return its JSON record (None, with a message, if it failed)."""
+    import sys
+    import tempfile
+
+    import pytest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = Path(tmp) / "raw.json"
+        code = pytest.main([str(suite), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *pytest_args])
+        if code != 0 or not raw_path.exists():
+            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
+            return None
+        return json.loads(raw_path.read_text())

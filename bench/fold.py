@@ -12,14 +12,11 @@ NF4 PLoRA forward <= 1.10x our bf16 fused forward at M = 4096.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-import pytest
 
-from bench.common import format_table, on_gpu, write_result
+from bench.common import format_table, on_gpu, run_suite, write_result
 
 SUITE = Path(__file__).resolve().parent / "bench_fold.py"
 
@@ -106,13 +103,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false")
     args, pytest_args = parser.parse_known_args(argv)
     pytest_args = [a for a in pytest_args if a != "--"]
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        code = pytest.main([str(SUITE), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *pytest_args])
-        if code != 0 or not raw_path.exists():
-            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
-            return int(code) or 1
-        raw = json.loads(raw_path.read_text())
+    raw = run_suite(SUITE, pytest_args)
+    if raw is None:
+        return 1
     entries = index(raw["benchmarks"])
     folds, forwards = fold_rows(entries), forward_rows(entries)
     print()

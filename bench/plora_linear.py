@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-import pytest
 
-from bench.common import format_table, on_gpu, write_result
+from bench.common import format_table, on_gpu, run_suite, write_result
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_plora_linear.py"
 
@@ -72,13 +69,9 @@ def _ratio(num, den):
 
 
 def main(argv: list[str]) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        code = pytest.main([str(BENCH_FILE), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *argv])
-        if code != 0 or not raw_path.exists():
-            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
-            return int(code) or 1
-        raw = json.loads(raw_path.read_text())
+    raw = run_suite(BENCH_FILE, argv)
+    if raw is None:
+        return 1
     rows = summarise(raw["benchmarks"])
     columns = [
         "M", "K", "N", "active", "fwd_ms", "cublas_fwd_ms", "fwd/cublas", "bwd_ms", "cublas_dgrad_ms",

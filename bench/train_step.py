@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-import pytest
 
-from bench.common import format_table, write_result
+from bench.common import format_table, run_suite, write_result
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_train_step.py"
 COLUMNS = [
@@ -53,13 +50,9 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        raw_path = Path(tmp) / "raw.json"
-        code = pytest.main([str(BENCH_FILE), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *argv])
-        if code != 0 or not raw_path.exists():
-            print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
-            return int(code) or 1
-        raw = json.loads(raw_path.read_text())
+    raw = run_suite(BENCH_FILE, argv)
+    if raw is None:
+        return 1
     rows = summarise(raw["benchmarks"])
     print(format_table(rows, COLUMNS))
     path = write_result("train_step", {"rows": rows, "pytest_benchmark": raw})

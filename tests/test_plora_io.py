@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import plora
-from plora_models import MODELS, randomize_adapters, tiny_model, token_batch
+from plora_models import randomize_adapters, tiny_model, token_batch
 
 
 def _model(seed=0, extra=("classifier",)):

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET, autotune_configs, device_guard, upcast_in_kernel
-from .._tl import load_tile, round_to
+from .._tl import grouped_tile, load_tile, round_to
 
 #: Launch arguments that carry the active set. Triton would specialise an int on being 1 or a multiple
 #: of 16, and a pointer on its alignment; these are exempt, so no active set ever triggers a compile.
@@ -121,15 +121,7 @@ def _gemm_with_slab_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Grouped ordering of output tiles, so that consecutive programs share rows of X in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

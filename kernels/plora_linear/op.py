@@ -6,6 +6,7 @@ import torch
 
 from .._checks import (
     check_adapter_shapes,
+    check_bias,
     check_float_dtype,
     check_indices,
     check_same_device,
@@ -102,12 +103,7 @@ def plora_linear(
     for name, tensor in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         check_float_dtype(name, tensor, x.dtype)
         check_same_device(name, tensor, x.device)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
-        check_float_dtype("bias", bias, x.dtype)
-        check_same_device("bias", bias, x.device)
+    check_bias(bias, n, x)
     check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
 

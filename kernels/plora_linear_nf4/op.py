@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
+from .._checks import check_bias, check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
 from .._runtime import INTERPRET, rank_bucket
 from ..nf4 import as_nf4, dequantize_nf4
 from ..plora_linear._triton import gemm_with_slab, reduce_over_m, shrink
@@ -111,12 +111,7 @@ def plora_linear_nf4(
     for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b)):
         check_float_dtype(name, tensor, x.dtype)
         check_same_device(name, tensor, x.device)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must have shape [N] = [{n}], got {tuple(bias.shape)}")
-        check_float_dtype("bias", bias, x.dtype)
-        check_same_device("bias", bias, x.device)
+    check_bias(bias, n, x)
     check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
     if trainable is None:
