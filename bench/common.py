@@ -7,10 +7,13 @@ import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -120,11 +123,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def run_suite(suite: Path, pytest_args: list[str]) -> dict | None:
     """Run a pytest-benchmark ``suite`` file and return its JSON record (None, with a message, if it failed)."""
-    import sys
-    import tempfile
-
-    import pytest
-
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = Path(tmp) / "raw.json"
         code = pytest.main([str(suite), "-q", "-p", "no:cacheprovider", f"--benchmark-json={raw_path}", *pytest_args])

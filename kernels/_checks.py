@@ -27,17 +27,18 @@ def check_tensor(name: str, value, *, ndim: int | None = None, min_ndim: int | N
     return value
 
 
-def check_float_dtype(name: str, value: torch.Tensor, expected: torch.dtype | None = None) -> None:
-    """``value`` is fp32/fp16/bf16 and, when given, of dtype ``expected``."""
+def check_float_dtype(name: str, value: torch.Tensor, expected: torch.dtype | None = None, like: str = "x") -> None:
+    """``value`` is fp32/fp16/bf16 and, when given, of dtype ``expected`` (the dtype of ``like``)."""
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {value.dtype}")
     if expected is not None and value.dtype != expected:
-        raise TypeError(f"{name} must have dtype {expected} (the dtype of x), got {value.dtype}")
+        raise TypeError(f"{name} must have dtype {expected} (the dtype of {like}), got {value.dtype}")
 
 
-def check_same_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+def check_same_device(name: str, value: torch.Tensor, device: torch.device, like: str = "x") -> None:
+    """``value`` is on ``device`` (the device of ``like``)."""
     if value.device != device:
-        raise ValueError(f"{name} must be on {device} (the device of x), got {value.device}")
+        raise ValueError(f"{name} must be on {device} (the device of {like}), got {value.device}")
 
 
 def check_scale(name: str, value) -> float:
@@ -61,22 +62,27 @@ def check_bias(bias, n: int, x: torch.Tensor) -> None:
     check_same_device("bias", bias, x.device)
 
 
-def check_adapter_shapes(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[int, int, int]:
-    """``weight [N, K]``, ``lora_a [R, K]``, ``lora_b [N, R]``; returns ``(N, K, R)``."""
-    check_tensor("weight", weight, ndim=2)
+def check_adapters(
+    lora_a, lora_b, shape: tuple[int, int], shape_of: str, dtype: torch.dtype, device: torch.device, like: str
+) -> int:
+    """``lora_a [R, K]`` and ``lora_b [N, R]`` for the weight ``shape_of`` of ``shape = (N, K)``, both of
+    ``dtype`` on ``device`` (those of ``like``); returns ``R``."""
     check_tensor("lora_a", lora_a, ndim=2)
     check_tensor("lora_b", lora_b, ndim=2)
-    n, k = weight.shape
+    n, k = shape
     r = lora_a.shape[0]
     if r == 0:
         raise ValueError("lora_a must hold at least one module (R >= 1), got R = 0")
     if lora_a.shape[1] != k:
-        raise ValueError(f"lora_a must have shape [R, K] = [R, {k}] (K from weight [N, K]), got {tuple(lora_a.shape)}")
+        raise ValueError(f"lora_a must have shape [R, K] = [R, {k}] (K from {shape_of} [N, K]), got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (n, r):
         raise ValueError(
-            f"lora_b must have shape [N, R] = [{n}, {r}] (N from weight, R from lora_a), got {tuple(lora_b.shape)}"
+            f"lora_b must have shape [N, R] = [{n}, {r}] (N from {shape_of}, R from lora_a), got {tuple(lora_b.shape)}"
         )
-    return n, k, r
+    for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b)):
+        check_float_dtype(name, tensor, dtype, like)
+        check_same_device(name, tensor, device, like)
+    return r
 
 
 # Index tensors already validated: id -> (weakref, version counter, rank). A module's index tensor is
@@ -85,13 +91,13 @@ def check_adapter_shapes(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
 _VALIDATED_INDICES: dict[int, tuple[weakref.ref, int, int]] = {}
 
 
-def check_indices(name: str, indices, rank: int, device: torch.device) -> torch.Tensor:
-    """A 1-D integer tensor on ``device`` of distinct module indices in ``[0, rank)`` (may be empty)."""
+def check_indices(name: str, indices, rank: int, device: torch.device, like: str = "x") -> torch.Tensor:
+    """A 1-D integer tensor on ``device`` (that of ``like``) of distinct module indices in ``[0, rank)``."""
     check_tensor(name, indices, ndim=1)
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of module indices, got dtype {indices.dtype}")
     if indices.device != device:
-        raise ValueError(f"{name} must be on {device} (the device of x), got {indices.device}")
+        raise ValueError(f"{name} must be on {device} (the device of {like}), got {indices.device}")
     if indices.numel() > rank:
         raise ValueError(f"{name} has {indices.numel()} entries but there are only R = {rank} modules")
     cached = _VALIDATED_INDICES.get(id(indices))

@@ -18,6 +18,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Dtypes every kernel accepts for activations, weights and adapters.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: Launch arguments that carry an index set (its pointer and length). Triton would specialise an int on
+#: being 1 or a multiple of 16, and a pointer on its alignment; kernels declare these
+#: ``do_not_specialize``, so no index set ever triggers a compile.
+ACTIVE_SET_ARGS = ["idx_ptr", "r"]
+
 #: Smallest padded rank: ``tl.dot`` needs every dimension >= 16.
 MIN_RANK_BUCKET = 16
 

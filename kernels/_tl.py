@@ -33,3 +33,33 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // group_size) * GROUP_M
     rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+
+
+@triton.jit
+def add_low_rank_slab(
+    acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+    stride_tm, stride_g_idx, stride_g_n,
+    P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + slab_scale · t[offs_m, :P] @ G_act[:, offs_n]``: the low-rank term as one extra K-slab.
+
+    ``t`` is fp32 ``[M, P]``; module ``p < r`` of ``G`` is the vector at ``g_ptr + idx[p] * stride_g_idx``.
+    """
+    offs_p = tl.arange(0, P)
+    active = offs_p < r
+    rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
+    g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
+    return tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def store_output_tile(
+    acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Add the bias (when given) to the fp32 tile ``acc`` and store it, rounded once, in y's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = round_to(acc, y_ptr.dtype.element_ty, UPCAST)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & mask_n[None, :])

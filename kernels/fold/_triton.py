@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import INTERPRET, device_guard, upcast_in_kernel
+from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kernel
 from .._tl import round_to
 
 
 
 
-@triton.jit(do_not_specialize=["r"])
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _fold_kernel(
     w_ptr, a_ptr, b_ptr, idx_ptr,
     N, K, r, scale,

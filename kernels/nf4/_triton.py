@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import INTERPRET, device_guard, upcast_in_kernel
+from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kernel
 from .._tl import round_to
 
 _TINY = tl.constexpr(1e-38)  # absmax floor for the reciprocal, as bitsandbytes clamps it
@@ -110,7 +110,7 @@ def _quantize_absmax_kernel(
     tl.store(absmax2_ptr + pid, absmax2)
 
 
-@triton.jit(do_not_specialize=["r"])
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _fold_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, bounds_ptr, new_absmax_ptr,
     a_ptr, b_ptr, idx_ptr,

@@ -21,12 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import INTERPRET, autotune_configs, device_guard, upcast_in_kernel
-from .._tl import grouped_tile, load_tile, round_to
-
-#: Launch arguments that carry the active set. Triton would specialise an int on being 1 or a multiple
-#: of 16, and a pointer on its alignment; these are exempt, so no active set ever triggers a compile.
-ACTIVE_SET_ARGS = ["idx_ptr", "r"]
+from .._runtime import ACTIVE_SET_ARGS, INTERPRET, autotune_configs, device_guard, upcast_in_kernel
+from .._tl import add_low_rank_slab, grouped_tile, load_tile, store_output_tile
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -129,14 +125,11 @@ def _gemm_with_slab_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    if HAS_SLAB:
-        # Seed the accumulator with the low-rank term: one extra K-slab of width P.
-        offs_p = tl.arange(0, P)
-        active = offs_p < r
-        rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
-        t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
-        g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
-        acc = tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+    if HAS_SLAB:  # seed the accumulator with the low-rank term
+        acc = add_low_rank_slab(
+            acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+            stride_tm, stride_g_idx, stride_g_n, P, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
 
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -145,10 +138,7 @@ def _gemm_with_slab_kernel(
         w = load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, mask_k, mask_n, UPCAST)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = round_to(acc, y_ptr.dtype.element_ty, UPCAST)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y, mask=mask_m[:, None] & mask_n[None, :])
+    store_output_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS, UPCAST)
 
 
 def gemm_with_slab(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import (
-    check_adapter_shapes,
+    check_adapters,
     check_bias,
     check_float_dtype,
     check_indices,
@@ -96,13 +96,14 @@ def plora_linear(
     ``[N, K]`` temporary), and likewise ``dbias = Σ dy`` when the bias requires grad.
     """
     check_tensor("x", x, min_ndim=1)
-    n, k, rank = check_adapter_shapes(weight, lora_a, lora_b)
+    check_tensor("weight", weight, ndim=2)
+    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x must have last dimension K = {k} (from weight [N, K]), got shape {tuple(x.shape)}")
     check_float_dtype("x", x)
-    for name, tensor in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        check_float_dtype(name, tensor, x.dtype)
-        check_same_device(name, tensor, x.device)
+    check_float_dtype("weight", weight, x.dtype)
+    check_same_device("weight", weight, x.device)
+    rank = check_adapters(lora_a, lora_b, (n, k), "weight", x.dtype, x.device, "x")
     check_bias(bias, n, x)
     check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import autotune_configs, device_guard, upcast_in_kernel
-from .._tl import grouped_tile, round_to
+from .._runtime import ACTIVE_SET_ARGS, autotune_configs, device_guard, upcast_in_kernel
+from .._tl import add_low_rank_slab, grouped_tile, round_to, store_output_tile
 from ..nf4._triton import block_absmax
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -36,7 +36,7 @@ BLOCK_K = 64
     ),
     key=["M", "N", "K", "P", "HAS_SLAB", "NESTED", "BLOCKSIZE"],
 )
-@triton.jit(do_not_specialize=["r"])
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _gemm_nf4_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
@@ -56,15 +56,11 @@ def _gemm_nf4_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_dtype = x_ptr.dtype.element_ty
 
-    if HAS_SLAB:
-        offs_p = tl.arange(0, P)
-        active = offs_p < r
-        rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_p[None, :], mask=mask_m[:, None], other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_g_idx + offs_n[None, :] * stride_g_n, mask=active[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-        acc = tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+    if HAS_SLAB:  # seed the accumulator with the low-rank term
+        acc = add_low_rank_slab(
+            acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+            stride_tm, stride_g_idx, stride_g_n, P, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
 
     row_start = offs_n.to(tl.int64) * K  # flat index of each weight row
     for k0 in range(0, K, BLOCK_K):
@@ -83,9 +79,7 @@ def _gemm_nf4_kernel(
             w = w.to(x_dtype)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(x_dtype), mask=mask_m[:, None] & mask_n[None, :])
+    store_output_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS, UPCAST)
 
 
 def supports(nf4) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_bias, check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
+from .._checks import check_adapters, check_bias, check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
 from .._runtime import INTERPRET, rank_bucket
 from ..nf4 import as_nf4, dequantize_nf4
 from ..plora_linear._triton import gemm_with_slab, reduce_over_m, shrink
@@ -101,16 +101,7 @@ def plora_linear_nf4(
         raise ValueError(f"x must have last dimension K = {k} (from param [N, K]), got shape {tuple(x.shape)}")
     check_float_dtype("x", x)
     check_same_device("param", nf4.packed, x.device)
-    check_tensor("lora_a", lora_a, ndim=2)
-    check_tensor("lora_b", lora_b, ndim=2)
-    rank = lora_a.shape[0]
-    if lora_a.shape[1] != k:
-        raise ValueError(f"lora_a must have shape [R, K] = [R, {k}] (K from param [N, K]), got {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (n, rank) or rank == 0:
-        raise ValueError(f"lora_b must have shape [N, R] = [{n}, {rank}] (N from param, R >= 1 from lora_a), got {tuple(lora_b.shape)}")
-    for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b)):
-        check_float_dtype(name, tensor, x.dtype)
-        check_same_device(name, tensor, x.device)
+    rank = check_adapters(lora_a, lora_b, (n, k), "param", x.dtype, x.device, "x")
     check_bias(bias, n, x)
     check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
