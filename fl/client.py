@@ -4,14 +4,17 @@ local training (AdamW) and evaluation."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 import plora
 
+from .config import Config
 from .data import TaskSpec, score
 from .data.tokenize import collate
 from .model import read_adapter, write_adapter
@@ -43,6 +46,40 @@ def fit(model: nn.Module, plan: ClientPlan, features: list[dict], fold_mode: str
             p.grad = None
         model.eval()
     return ClientUpdate(plan.client, len(features), adapter, plan.trained, extra), stats
+
+
+def client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
+    """A seed for ``stream`` (0: training) of ``client`` in round ``rnd``."""
+    return int(np.random.SeedSequence([seed, rnd, client, stream]).generate_state(1)[0])
+
+
+def local_steps(config: Config, shard_size: int) -> int:
+    """Local steps of a client: ``train.local_steps``, or ``local_epochs`` passes over its shard."""
+    train = config.train
+    if train.local_steps:
+        return train.local_steps
+    if not train.local_epochs:
+        raise ValueError("set train.local_steps > 0 or train.local_epochs > 0")
+    return max(1, math.ceil(train.local_epochs * shard_size / train.batch_size))
+
+
+def fold_mode(config: Config, method: str) -> str:
+    """How a client folds the modules it does not train: Fed-PLoRA's configured mode, "merge" otherwise."""
+    return config.methods.fold_mode if method == "fedplora" else "merge"
+
+
+def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id: int, autocast_dtype: torch.dtype | None) -> dict:
+    """The keywords of ``train_local`` for ``client`` in round ``rnd``: the same wherever the client runs."""
+    tcfg = config.train
+    return dict(
+        steps=local_steps(config, shard_size),
+        batch_size=tcfg.batch_size,
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+        seed=client_seed(config.run.seed, rnd, client, 0),
+        pad_id=pad_id,
+        autocast_dtype=autocast_dtype,
+    )
 
 
 def precision_context(device: torch.device, dtype: torch.dtype | None):
