@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         directory, table = resume_experiment(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir)
         print(f"\n{table}\n\nrun directory: {directory} (resumed)")
         return 0
-    overrides = [f"{key}={_toml(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    overrides = [f"{key}={toml_literal(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     if args.methods:
-        overrides.append(f"methods.names={_toml([m.strip() for m in args.methods.split(',') if m.strip()])}")
+        overrides.append(f"methods.names={toml_literal([m.strip() for m in args.methods.split(',') if m.strip()])}")
     config = load_config(args.config, overrides + args.set)
     from .experiment import run_experiment  # heavy imports only when running
 
@@ -79,10 +79,10 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _toml(value) -> str:
+def toml_literal(value) -> str:
     """A TOML literal for a flag value (strings quoted, lists element-wise)."""
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return str(value)

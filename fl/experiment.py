@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,11 +75,15 @@ def client_summary(fed: Federation) -> list[dict]:
     return out
 
 
-def run_experiment(config: Config, command: str = "", progress: bool = True, resume: bool = False) -> tuple[Path, str]:
+def run_experiment(
+    config: Config, command: str = "", progress: bool = True, resume: bool = False, rounds: Callable = simulate
+) -> tuple[Path, str]:
     """Run every method of ``config`` and write the run directory; returns ``(directory, table)``.
 
     A checkpoint is written after every round. ``resume``: continue the run already in the directory
     from its checkpoints (``metrics.jsonl`` is cut back to them, finished methods are not re-run).
+    ``rounds``: what runs one method's rounds, with the signature of ``simulate`` (the default: clients
+    in this process; ``fl.flower.server_app`` passes clients on Flower nodes).
     """
     unknown = [m for m in config.methods.names if m not in STRATEGIES]
     if unknown:
@@ -110,7 +115,7 @@ def run_experiment(config: Config, command: str = "", progress: bool = True, res
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", **({task.metric: f"{score:.3f}"} if score is not None else {}))
             bar.update()
 
-        results[method] = simulate(
+        results[method] = rounds(
             config,
             method,
             fed,

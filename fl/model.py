@@ -87,6 +87,12 @@ def inject_plora(
     return plora.inject(model, config)
 
 
+def inject_configured(model: nn.Module, config) -> nn.Module:
+    """``inject_plora`` with the run config's ``[model]`` section and seed (the same on server and clients)."""
+    mcfg = config.model
+    return inject_plora(model, mcfg.rank, mcfg.alpha, mcfg.target_modules, mcfg.dropout, config.run.seed, mcfg.extra_trainable)
+
+
 def layer_scale(model: nn.Module) -> float:
     """The common module scale ``s`` of the model's PLoRA layers."""
     scales = {layer.scale for layer in plora.plora_layers(model).values()}

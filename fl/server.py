@@ -21,7 +21,7 @@ from . import costs
 from .checkpoint import Checkpoint, capture_rng, restore_rng
 from .client import TrainStats, evaluate, fold_mode
 from .config import Config
-from .model import inject_plora, linear_weight_count, merge_into_base, read_adapter, write_adapter
+from .model import inject_configured, linear_weight_count, merge_into_base, read_adapter, write_adapter
 from .partition import sample_clients
 from .strategies import ClientPlan, ClientUpdate, build_strategy
 from .validate import RejectedUpdate, validate_update
@@ -63,11 +63,10 @@ class FederatedServer:
     """
 
     def __init__(self, config: Config, method: str, fed, model: torch.nn.Module, tokenizer, autocast_dtype, resume: Checkpoint | None = None):
-        mcfg = config.model
         self.config, self.method, self.fed = config, method, fed
         self.model, self.tokenizer, self.autocast_dtype = model, tokenizer, autocast_dtype
         self.device = next(model.parameters()).device
-        inject_plora(model, mcfg.rank, mcfg.alpha, mcfg.target_modules, mcfg.dropout, config.run.seed, mcfg.extra_trainable)
+        inject_configured(model, config)
         adapter, extra = read_adapter(model)
         options = {}
         if method == "fedit":

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .strategies import ClientPlan, ClientUpdate
+from .strategies import ClientPlan, ClientUpdate, Factors
 
 
 class RejectedUpdate(ValueError):
@@ -42,6 +42,35 @@ def validate_update(plan: ClientPlan, update: ClientUpdate, norm_bound: float | 
     norm = math.sqrt(squared)
     if norm_bound is not None and not norm <= norm_bound:
         raise RejectedUpdate(f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}")
+
+
+def update_from_upload(plan: ClientPlan, num_examples: int, sent: dict[str, torch.Tensor]) -> ClientUpdate:
+    """The ``ClientUpdate`` a remote client's upload (``ClientUpdate.upload``) stands for: its trained rows
+    of ``a`` and columns of ``b`` put back into the plan's factors, the other modules as planned.
+
+    Raises ``RejectedUpdate`` for a tensor missing, unexpected, or of another shape or dtype than the
+    plan asks, and for a data size below 1. ``validate_update`` checks the rest.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise RejectedUpdate(f"num_examples must be a positive integer, got {num_examples!r}")
+    expected = {}
+    for name, (a, b) in plan.adapter.items():
+        rank = len(plan.trained[name])
+        expected[f"{name}.a"] = a.new_empty(rank, a.shape[1])
+        expected[f"{name}.b"] = b.new_empty(b.shape[0], rank)
+    expected.update({f"extra.{n}": t for n, t in plan.extra.items()})
+    _same_keys("uploaded tensors", expected, sent)
+    for key, like in expected.items():
+        _same_layout(key, like, sent[key])
+    adapter = {}
+    for name, (a, b) in plan.adapter.items():
+        idx = plan.trained[name].to(a.device)
+        new_a, new_b = a.clone(), b.clone()
+        new_a[idx] = sent[f"{name}.a"].to(a.device)
+        new_b[:, idx] = sent[f"{name}.b"].to(b.device)
+        adapter[name] = Factors(new_a, new_b)
+    extra = {n: sent[f"extra.{n}"].to(t.device) for n, t in plan.extra.items()}
+    return ClientUpdate(plan.client, num_examples, adapter, {n: i.clone() for n, i in plan.trained.items()}, extra)
 
 
 def _same_keys(what: str, expected: dict, got: dict) -> None:

@@ -35,7 +35,9 @@ class ClientPlan:
     trained: per layer, the ``[r]`` module indices the client trains (the others are folded/frozen);
     extra: the other trainable tensors (a classification head), by parameter name;
     download: the tensors the server sends, as sent (traffic is counted from these);
-    client_flops: preparation FLOPs at the client besides folding (FLoRA merging its stack).
+    client_flops: preparation FLOPs at the client besides folding (FLoRA merging its stack);
+    init: JSON-able values that, with ``download``, let a remote client rebuild ``adapter`` (see
+    ``Strategy.client_adapter``; FLoRA: the seed of its fresh modules).
     """
 
     client: int
@@ -44,6 +46,7 @@ class ClientPlan:
     extra: dict[str, torch.Tensor]
     download: dict[str, torch.Tensor]
     client_flops: float = 0.0
+    init: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +147,36 @@ class Strategy(ABC):
         """The base updates merged so far, in order (replayed onto a fresh base on resume); none by default."""
         return []
 
+    # the client side of a remote round ------------------------------------------------------------
+
+    @classmethod
+    def client_adapter(cls, download: dict[str, torch.Tensor], init: dict, template: Adapter) -> Adapter:
+        """A plan's ``adapter`` rebuilt where the client runs, from its ``download`` and ``init``.
+
+        ``template``: the client's own factors (shapes ``[R, K]``/``[N, R]``, dtype and device of the
+        result). Here a layer's sent ``a [r, K]``/``b [N, r]`` are its first ``r`` modules (all ``R``
+        or a truncation), and the others are zero.
+        """
+        adapter = {}
+        for name, (like_a, like_b) in template.items():
+            sent_a, sent_b = download[f"{name}.a"], download[f"{name}.b"]
+            rank = sent_a.shape[0]
+            if sent_a.shape != (rank, like_a.shape[1]) or sent_b.shape != (like_b.shape[0], rank) or rank > like_a.shape[0]:
+                raise ValueError(
+                    f"layer {name}: received a {tuple(sent_a.shape)}, b {tuple(sent_b.shape)}; this model's adapter is "
+                    f"a {tuple(like_a.shape)}, b {tuple(like_b.shape)}"
+                )
+            a, b = torch.zeros_like(like_a), torch.zeros_like(like_b)
+            a[:rank], b[:, :rank] = sent_a, sent_b
+            adapter[name] = Factors(a, b)
+        return adapter
+
+    @classmethod
+    def client_base_updates(cls, download: dict[str, torch.Tensor], init: dict) -> dict[int, Adapter]:
+        """Base updates sent with a plan, by their index in the run's sequence (``merged_updates``), which
+        a remote client merges into its frozen base before training; none by default."""
+        return {}
+
     # shared helpers -----------------------------------------------------------------------------
 
     def client_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
@@ -171,11 +204,18 @@ class Strategy(ABC):
         return self.plan(client, adapter, {n: idx for n in adapter}, download)
 
     def plan(
-        self, client: int, adapter: Adapter, trained: dict[str, torch.Tensor], download: dict[str, torch.Tensor], client_flops: float = 0.0
+        self,
+        client: int,
+        adapter: Adapter,
+        trained: dict[str, torch.Tensor],
+        download: dict[str, torch.Tensor],
+        client_flops: float = 0.0,
+        init: dict | None = None,
     ) -> ClientPlan:
         """A ``ClientPlan`` carrying the global head; ``download`` gets the head added."""
         extra = {n: t.clone() for n, t in self.extra.items()}
-        return ClientPlan(client, adapter, trained, extra, {**download, **{f"extra.{n}": t for n, t in extra.items()}}, client_flops)
+        download = {**download, **{f"extra.{n}": t for n, t in extra.items()}}
+        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {})
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

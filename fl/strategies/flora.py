@@ -46,22 +46,18 @@ class FLoRA(Strategy):
         return list(self.stacks)
 
     def _fresh(self, rnd: int) -> None:
-        """New modules for round ``rnd``: ``a ~ U(-1/√K, 1/√K)`` (LoRA's Kaiming-uniform), ``b = 0``."""
+        """New modules for round ``rnd`` (see ``fresh_modules``)."""
         if self._fresh_round == rnd:
             return
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + rnd)
-        for name, (a, b) in self.adapter.items():
-            bound = a.shape[1] ** -0.5
-            fresh = (torch.rand(a.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
-            self.adapter[name] = Factors(fresh.to(a.device, a.dtype), torch.zeros_like(b))
+        self.adapter = fresh_modules(self.adapter, fresh_seed(self.seed, rnd))
         self._fresh_round = rnd
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         self._fresh(rnd)
-        pending = self.stacks[self.last_round.get(client, 0):]
+        first = self.last_round.get(client, 0)
         self.last_round[client] = len(self.stacks)
         download, flops = {}, 0.0
-        for t, stack in enumerate(pending):
+        for t, stack in enumerate(self.stacks[first:], start=first):
             for name, (a, b) in stack.items():
                 download[f"stack{t}.{name}.a"], download[f"stack{t}.{name}.b"] = a, b
                 flops += product_flops(b.shape[0], a.shape[1], a.shape[0])
@@ -71,7 +67,28 @@ class FLoRA(Strategy):
             start_a[rank:] = 0
             adapter[name] = Factors(start_a, b.clone())
         idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
-        return self.plan(client, adapter, {n: idx for n in adapter}, download, client_flops=flops)
+        init = {"fresh_seed": fresh_seed(self.seed, rnd), "rank": rank, "base_updates": len(self.stacks)}
+        return self.plan(client, adapter, {n: idx for n in adapter}, download, client_flops=flops, init=init)
+
+    @classmethod
+    def client_adapter(cls, download: dict[str, torch.Tensor], init: dict, template: Adapter) -> Adapter:
+        """The round's fresh modules, regenerated from ``init``'s seed (they are not sent), first ``rank`` kept."""
+        adapter = {}
+        for name, (a, b) in fresh_modules(template, init["fresh_seed"]).items():
+            a[init["rank"] :] = 0
+            adapter[name] = Factors(a, b)
+        return adapter
+
+    @classmethod
+    def client_base_updates(cls, download: dict[str, torch.Tensor], init: dict) -> dict[int, Adapter]:
+        """The stacks sent (``stack<t>.<layer>.a|b``), by their round index ``t``."""
+        parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        for key, tensor in download.items():
+            if key.startswith("stack"):
+                index, rest = key[len("stack") :].split(".", 1)
+                layer, part = rest.rsplit(".", 1)
+                parts.setdefault(int(index), {}).setdefault(layer, {})[part] = tensor
+        return {t: {n: Factors(f["a"], f["b"]) for n, f in layers.items()} for t, layers in parts.items()}
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)
@@ -84,3 +101,20 @@ class FLoRA(Strategy):
         self.average_extra(updates, weights)
         self._fresh(rnd + 1)
         return RoundResult(base_update=stack)
+
+
+def fresh_seed(seed: int, rnd: int) -> int:
+    """The seed of round ``rnd``'s fresh modules in a run seeded ``seed``."""
+    return seed * 100_003 + rnd
+
+
+def fresh_modules(template: Adapter, seed: int) -> Adapter:
+    """New factors shaped like ``template``: ``a ~ U(-1/√K, 1/√K)`` (LoRA's Kaiming-uniform), ``b = 0``,
+    drawn layer by layer in order from one generator seeded ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (a, b) in template.items():
+        bound = a.shape[1] ** -0.5
+        fresh = (torch.rand(a.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        out[name] = Factors(fresh.to(a.device, a.dtype), torch.zeros_like(b))
+    return out

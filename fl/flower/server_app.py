@@ -1,0 +1,69 @@
+"""The Flower ``ServerApp``: ``python -m fl run`` with the clients on Flower SuperNodes.
+
+The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with
+``flwr run --run-config``) holds the run's config fields as ``"section.key"`` keys, the way the TOML
+config and ``--set`` name them (a list is given as a TOML string, e.g. ``"[2, 4, 8, 16]"``), plus
+``flower.node-timeout`` and ``flower.round-timeout`` (seconds). Every method of ``methods.names`` runs
+in turn; the run directory (``run.out_dir``/``run.name`` on the SuperLink's machine) gets the same
+``metrics.jsonl``, checkpoints, plots and summary as a simulated run, each record with
+``bytes_down_flower``/``bytes_up_flower``: the mean bytes per client of the Flower messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from ..cli import toml_literal
+from ..config import Config, load_config
+from ..experiment import run_experiment
+from ..server import FederatedServer
+from .strategy import FlowerStrategy
+
+log = logging.getLogger(__name__)
+
+#: Run-config keys of the Flower transport itself (the rest are run config fields).
+TIMEOUTS = {"flower.node-timeout": 600.0, "flower.round-timeout": 3600.0}
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    timeouts = {key: float(run_config.pop(key, default)) for key, default in TIMEOUTS.items()}
+    config = config_from_run_config(run_config)
+    directory, table = run_on_flower(grid, config, *timeouts.values(), command=f"flwr run (run config {context.run_config})")
+    log.info("run directory: %s\n%s", directory, table)
+
+
+def config_from_run_config(run_config: dict) -> Config:
+    """The run's ``Config`` from flat ``"section.key": value`` entries (lists as TOML strings)."""
+    overrides = []
+    for key, value in run_config.items():
+        literal = value if isinstance(value, str) and value.lstrip().startswith("[") else toml_literal(value)
+        overrides.append(f"{key}={literal}")
+    return load_config(None, overrides)
+
+
+def run_on_flower(grid: Grid, config: Config, node_timeout: float = 600.0, round_timeout: float = 3600.0, command: str = ""):
+    """Every method of ``config`` over ``grid``'s nodes; returns ``(run directory, summary table)``."""
+    return run_experiment(config, command, progress=False, rounds=flower_rounds(grid, node_timeout, round_timeout))
+
+
+def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float) -> Callable:
+    """A ``rounds`` driver for ``run_experiment`` (the signature of ``fl.simulator.simulate``) whose
+    clients train on ``grid``'s nodes."""
+
+    def rounds(config, method, fed, model, tokenizer, autocast_dtype, on_round, *, resume=None, on_checkpoint=lambda c: None):
+        server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
+        strategy = FlowerStrategy(server, on_round, on_checkpoint, node_timeout)
+        remaining = config.federation.rounds - server.rounds_done
+        if remaining > 0:
+            strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=round_timeout)
+        return server.records
+
+    return rounds

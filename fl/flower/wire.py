@@ -1,0 +1,124 @@
+"""Plans and updates as Flower message contents, and message sizes as Flower serialises them.
+
+A train message carries ``download`` (the plan's tensors, exactly those the traffic accounting counts),
+``plan`` (method, round, client, trained module indices and the strategy's ``init`` values) and ``run``
+(the run's configuration as JSON, so that a client needs no configuration of its own). A reply carries
+``upload`` (``ClientUpdate.upload``) and ``stats`` (data size and training statistics).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from ..client import TrainStats
+from ..config import Config
+from ..strategies import Adapter, ClientPlan, ClientUpdate, Strategy
+
+#: Tensor dtypes that travel exactly (through numpy).
+WIRE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
+
+
+def to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` of CPU copies of ``tensors`` (same names, exact values)."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in WIRE_DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent; expected one of {WIRE_DTYPES}")
+    return ArrayRecord({name: Array(t.detach().cpu().contiguous()) for name, t in tensors.items()})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an ``ArrayRecord``, by name (CPU)."""
+    return {name: torch.from_numpy(array.numpy()) for name, array in record.items()}
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes of ``message`` as Flower serialises it for the wire: every object of its tree deflated,
+    identical array chunks counted once (as Flower sends them once)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> RecordDict:
+    """The content of the train message that hands ``plan`` to its client."""
+    header = {
+        "method": method,
+        "round": rnd,
+        "client": plan.client,
+        "trained": json.dumps({n: idx.tolist() for n, idx in plan.trained.items()}),
+        "init": json.dumps(plan.init),
+    }
+    return RecordDict(
+        {
+            "download": to_arrays(plan.download),
+            "plan": ConfigRecord(header),
+            "run": ConfigRecord({"config": json.dumps(config.to_dict())}),
+        }
+    )
+
+
+@dataclass
+class TrainRequest:
+    """A train message as read by a client: the run's config, the method, round and client, and the plan
+    as sent (``download``, ``trained``, ``init``; tensors on the CPU)."""
+
+    config: Config
+    method: str
+    rnd: int
+    client: int
+    download: dict[str, torch.Tensor]
+    trained: dict[str, list[int]]
+    init: dict
+
+    def plan(self, strategy: type[Strategy], template: Adapter) -> ClientPlan:
+        """The ``ClientPlan`` rebuilt with ``strategy.client_adapter`` against ``template`` (the client's
+        own adapter factors; their device is the plan's)."""
+        device = next(iter(template.values())).a.device
+        download = {n: t.to(device) for n, t in self.download.items()}
+        trained = {n: torch.tensor(idx, dtype=torch.int64, device=device) for n, idx in self.trained.items()}
+        extra = {n[len("extra.") :]: t for n, t in download.items() if n.startswith("extra.")}
+        adapter = strategy.client_adapter(download, self.init, template)
+        return ClientPlan(self.client, adapter, trained, extra, download, init=self.init)
+
+
+def read_request(content: RecordDict) -> TrainRequest:
+    """The ``TrainRequest`` of a train message's content (see ``plan_content``)."""
+    missing = sorted({"download", "plan", "run"} - set(content))
+    if missing:
+        raise ValueError(f"train message misses the records {missing}")
+    header = content["plan"]
+    config = Config.from_dict(json.loads(content["run"]["config"]))
+    return TrainRequest(
+        config,
+        str(header["method"]),
+        int(header["round"]),
+        int(header["client"]),
+        from_arrays(content["download"]),
+        json.loads(header["trained"]),
+        json.loads(header["init"]),
+    )
+
+
+def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> RecordDict:
+    """The content of a client's reply: its upload and its training statistics."""
+    metrics = {
+        "num-examples": update.num_examples,
+        "loss": stats.loss,
+        "steps": stats.steps,
+        "tokens": stats.tokens,
+        "train-seconds": stats.seconds,
+        "seconds": seconds,
+    }
+    return RecordDict({"upload": to_arrays(update.upload()), "stats": MetricRecord(metrics)})
+
+
+def read_reply(content: RecordDict) -> tuple[dict[str, torch.Tensor], int, TrainStats, float]:
+    """``(uploaded tensors, num_examples, stats, seconds)`` of a client's reply."""
+    if "upload" not in content or "stats" not in content:
+        raise ValueError(f"reply must carry 'upload' and 'stats' records, got {sorted(content)}")
+    stats = content["stats"]
+    train = TrainStats(float(stats["loss"]), int(stats["steps"]), int(stats["tokens"]), float(stats["train-seconds"]))
+    return from_arrays(content["upload"]), stats["num-examples"], train, float(stats["seconds"])
