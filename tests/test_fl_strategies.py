@@ -140,6 +140,9 @@ def test_flexlora_svd_of_the_weighted_products():
     s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 3, a1, b1, [0, 1, 2, 3])])
     ideal = 0.25 * (b0 @ a0) + 0.75 * (b1 @ a1)
     torch.testing.assert_close(s.global_delta("layer"), ideal)  # the server keeps ΔW exactly
+    # N = 2 < R = 4 components exist: the global adapter keeps R modules, the missing ones zero
+    assert s.adapter["layer"].a.shape == (R, K) and s.adapter["layer"].b.shape == (N, R)
+    assert not s.adapter["layer"].a[N:].any() and not s.adapter["layer"].b[:, N:].any()
     u, sv, vh = torch.linalg.svd(ideal)
     plan = s.configure_client(1, 0, 1)  # rank 1: the top singular component
     torch.testing.assert_close(plan.adapter["layer"].b @ plan.adapter["layer"].a, sv[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-5)

@@ -2,7 +2,8 @@
 
 The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with
 ``flwr run --run-config``) holds the run's config fields as ``"section.key"`` keys, the way the TOML
-config and ``--set`` name them (a list is given as a TOML string, e.g. ``"[2, 4, 8, 16]"``), plus
+config and ``--set`` name them (a list is given as a TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty
+string leaves a field at its default), plus
 ``flower.node-timeout`` and ``flower.round-timeout`` (seconds). Every method of ``methods.names`` runs
 in turn; the run directory (``run.out_dir``/``run.name`` on the SuperLink's machine) gets the same
 ``metrics.jsonl``, checkpoints, plots and summary as a simulated run, each record with
@@ -41,9 +42,12 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def config_from_run_config(run_config: dict) -> Config:
-    """The run's ``Config`` from flat ``"section.key": value`` entries (lists as TOML strings)."""
+    """The run's ``Config`` from flat ``"section.key": value`` entries (lists as TOML strings; an empty
+    string leaves the field at its default)."""
     overrides = []
     for key, value in run_config.items():
+        if value == "":
+            continue
         literal = value if isinstance(value, str) and value.lstrip().startswith("[") else toml_literal(value)
         overrides.append(f"{key}={literal}")
     return load_config(None, overrides)

@@ -43,7 +43,11 @@ class FlexLoRA(Strategy):
             self.full[name] = Factors(torch.cat(rows), torch.cat(cols, dim=1))
             delta = self.full[name].b @ self.full[name].a
             u_mat, s_vec, vh = torch.linalg.svd(delta, full_matrices=False)
-            self.adapter[name] = Factors(vh[: self.rank].to(a.dtype), (u_mat[:, : self.rank] * s_vec[: self.rank]).to(b.dtype))
+            kept = min(self.rank, len(s_vec))  # a layer with min(N, K) < R has fewer components: zero modules
+            new_a, new_b = torch.zeros_like(a), torch.zeros_like(b)
+            new_a[:kept] = vh[:kept].to(a.dtype)
+            new_b[:, :kept] = (u_mat[:, :kept] * s_vec[:kept]).to(b.dtype)
+            self.adapter[name] = Factors(new_a, new_b)
             flops += sum(product_flops(n_out, k_in, len(r)) for r in rows) + svd_flops(n_out, k_in)
         self.average_extra(updates, weights)
         return RoundResult(server_flops=flops)
