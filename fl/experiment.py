@@ -111,8 +111,8 @@ def run_experiment(
 
         def on_round(record: dict) -> None:
             writer.append(record)
-            score = record.get(f"eval_{task.metric}")
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", **({task.metric: f"{score:.3f}"} if score is not None else {}))
+            shown = {"loss": record["train_loss"], task.metric: record.get(f"eval_{task.metric}")}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})  # None: no update, no eval
             bar.update()
 
         results[method] = rounds(
