@@ -26,9 +26,17 @@ def _scaled(value, factor):
     return None if value is None else value * factor
 
 
+def _flower_traffic(records: list[dict]) -> dict:
+    """Mean MiB per client and round of the Flower messages, down and up (only on a Flower run)."""
+    if not any(r.get("bytes_down_flower") is not None for r in records):
+        return {}
+    return {f"{way} MiB/client (Flower)": _scaled(_mean(records, f"bytes_{way}_flower"), 1 / MB) for way in ("down", "up")}
+
+
 def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
     """One row per method: final and best metric, final loss, mean noises, mean traffic per client and
-    round (MiB, bf16), mean trainable parameters, total FLOPs, peak memory and wall time."""
+    round (MiB, bf16; and as Flower serialised it, on a Flower run), mean trainable parameters, total
+    FLOPs, peak memory and wall time."""
     rows = []
     for method, records in results.items():
         scores = [r[f"eval_{metric}"] for r in records if f"eval_{metric}" in r]
@@ -42,6 +50,7 @@ def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
                 "agg noise": _mean(records, "agg_noise"),
                 "down MiB/client": _scaled(_mean(records, "bytes_down_bf16"), 1 / MB),
                 "up MiB/client": _scaled(_mean(records, "bytes_up_bf16"), 1 / MB),
+                **_flower_traffic(records),
                 "trainable": None if _mean(records, "trainable_params") is None else int(_mean(records, "trainable_params")),
                 "train TFLOP": sum(r["train_flops"] for r in records) / 1e12,
                 "fold+SVD GFLOP": sum(r["fold_flops"] + r["server_flops"] for r in records) / 1e9,
