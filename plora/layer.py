@@ -13,11 +13,6 @@ from kernels import plora_linear, plora_linear_nf4
 from . import _base
 
 TRAINABLE, FROZEN, FOLDED = "trainable", "frozen", "folded"
-
-# torch.compile treats the fused op as an opaque eager call (one graph break per layer): Dynamo would
-# otherwise trace into its argument checks and kernel launches. Everything around it compiles.
-_fused_op = torch.compiler.disable(plora_linear)
-_fused_op_nf4 = torch.compiler.disable(plora_linear_nf4)
 MODES = ("merge", "exact")
 
 
@@ -45,6 +40,12 @@ class PLoRALinear(nn.Module):
     between calls; backward re-dequantises into a temporary), with ``trainable`` set to the number of
     selected modules so that frozen modules are evaluated as constant low-rank terms. Other 4-bit
     types (FP4) dequantise the weight for ``kernels.plora_linear`` (rebuilt in backward, not saved).
+
+    ``torch.compile`` traces both fused ops as custom ops, so float and NF4 layers compile into one graph
+    (``fullgraph=True`` works), forward and backward. A new selection of the same size reuses the graph;
+    a selection of another size, or another state (all trainable, merged, exact), changes parameter and
+    buffer shapes, which Dynamo keeps static by default, so each compiles once. FP4 bases break the graph
+    at the saved-tensor hooks that rebuild their weight in backward.
     """
 
     def __init__(
@@ -263,7 +264,7 @@ class PLoRALinear(nn.Module):
 
     def _forward(self, x, weight, a, b, bias) -> torch.Tensor:
         if self.dropout is None or not self.training:
-            return _fused_op(x, weight, a, b, self.active_index, self.scale, bias)
+            return plora_linear(x, weight, a, b, self.active_index, self.scale, bias)
         # Dropout on the adapter input only: the base and the adapter see different inputs (unfused).
         index = self.active_index
         h = self.dropout(x) @ a.index_select(0, index).T
@@ -274,9 +275,9 @@ class PLoRALinear(nn.Module):
         if self.dropout is None or not self.training:
             # ``_adapters`` puts the selected modules first: only those are trainable in the op.
             trainable = self.selected_index.numel() if "selected_index" in self._buffers else None
-            return _fused_op_nf4(x, param, a, b, index, self.scale, bias, trainable=trainable)
+            return plora_linear_nf4(x, param, a, b, index, self.scale, bias, trainable=trainable)
         # Dropout on the adapter input only: the base term is the op with no module, the adapter unfused.
-        y = _fused_op_nf4(x, param, a, b, index[:0], self.scale, bias)
+        y = plora_linear_nf4(x, param, a, b, index[:0], self.scale, bias)
         h = self.dropout(x) @ a.index_select(0, index).T
         return y + self.scale * (h @ b.index_select(1, index).T)
 

@@ -198,13 +198,13 @@ def _spy_nf4_op(monkeypatch):
     import plora.layer
 
     calls = []
-    op = plora.layer._fused_op_nf4
+    op = plora.layer.plora_linear_nf4
 
     def spy(x, param, lora_a, lora_b, active, scale, bias=None, **kwargs):
         calls.append((active.tolist(), kwargs.get("trainable")))
         return op(x, param, lora_a, lora_b, active, scale, bias, **kwargs)
 
-    monkeypatch.setattr(plora.layer, "_fused_op_nf4", spy)
+    monkeypatch.setattr(plora.layer, "plora_linear_nf4", spy)
     return calls
 
 

@@ -1,4 +1,12 @@
-"""``plora_linear``: the fused PLoRA linear op (argument checks, autograd, kernel launches)."""
+"""``plora_linear``: the fused PLoRA linear op (argument checks, custom ops with autograd, kernel launches).
+
+The Triton path is registered with ``torch.library`` as the custom ops ``plora::linear`` (forward) and
+``plora::linear_backward``, each with a fake implementation (shapes only), and the forward with an
+autograd formula. ``torch.compile`` therefore traces a call as one opaque node in a full graph, forward
+and backward, and never steps into the launches. The active-index tensor is an ordinary tensor input:
+a new set of the same size changes no guard, and shapes depend on its size only through the rank
+bucket.
+"""
 
 from __future__ import annotations
 
@@ -17,48 +25,129 @@ from .._runtime import INTERPRET, rank_bucket
 from ._triton import gemm_with_slab, reduce_over_m, shrink
 from .naive import plora_linear_reference
 
+# ------------------------------------------------------------------------------ pieces shared with NF4
 
-class _PLoRALinearFunction(torch.autograd.Function):
-    """Forward and backward of ``x Wᵀ + s · (x A_actᵀ) B_actᵀ + bias`` on 2-D ``x``.
 
-    Saved for backward: ``x`` and ``t = x A_actᵀ`` (fp32, ``[M, P]``), plus references to the
-    parameters and the index tensor (no copies).
-    """
+def shrink_input(x: torch.Tensor, lora_a: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``t = x A_actᵀ``, fp32 ``[M, P]`` (P the rank bucket), or ``[M, 0]`` when no module is active."""
+    count = active.numel()
+    if not count:
+        return x.new_empty((x.shape[0], 0), dtype=torch.float32)
+    return shrink(x, lora_a, 0, active, rank_bucket(count), 1.0)
 
-    @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, active, scale, bias):
-        count = active.numel()
-        t = shrink(x, lora_a, 0, active, rank_bucket(count), 1.0) if count else None
-        y = gemm_with_slab(x, weight, t, lora_b, 1, active, scale, bias)
-        ctx.save_for_backward(x, t, weight, lora_a, lora_b, active)
-        ctx.scale = scale
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, weight, lora_a, lora_b, active = ctx.saved_tensors
-        need_x, need_w, need_a, need_b, _, _, need_bias = ctx.needs_input_grad
-        scale = ctx.scale
-        count = active.numel()
-        dt = shrink(dy, lora_b, 1, active, t.shape[1], scale) if count and (need_x or need_a) else None
+def fake_outputs(x: torch.Tensor, n: int, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(y [M, N], t)`` shaped as a forward op returns them. ``rank_bucket`` of a symbolic size
+    guards only on the bucket's bounds, so a compiled graph serves every active set of its bucket."""
+    count = active.numel()
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], rank_bucket(count) if count else 0), dtype=torch.float32)
 
-        dx = dw = da = db = dbias = None
-        if need_x:
-            # dx = dy W + dt A_act, with W read as its transpose [K, N] through strides.
-            dx = gemm_with_slab(dy, weight.T, dt, lora_a, 0, active, 1.0, None)
-        if need_a:
-            da = torch.zeros_like(lora_a)
-            if count:
-                da.index_copy_(0, active.long(), reduce_over_m(x, dt)[:, :count].T.to(da.dtype))
-        if need_b:
-            db = torch.zeros_like(lora_b)
-            if count:
-                db.index_copy_(1, active.long(), (reduce_over_m(dy, t)[:, :count] * scale).to(db.dtype))
-        if need_w:
-            dw = (dy.T @ x).to(weight.dtype)
-        if need_bias:
-            dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, dw, da, db, None, None, dbias
+
+def backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, weight_t, needs) -> list[torch.Tensor]:
+    """Those of ``(dx, dA, dB)`` that ``needs`` (three bools) asks for, in that order.
+
+    ``dt = s · dy B_act``, ``dx = dy W + dt A_act`` with ``weight_t()`` giving ``Wᵀ [K, N]``; only the
+    first ``trainable`` modules of ``active`` get rows of ``dA`` and columns of ``dB`` (others zero)."""
+    need_x, need_a, need_b = needs
+    dt = shrink(dy, lora_b, 1, active, t.shape[1], scale) if active.numel() and (need_x or need_a) else None
+    grads = []
+    if need_x:
+        grads.append(gemm_with_slab(dy, weight_t(), dt, lora_a, 0, active, 1.0, None))
+    if need_a:
+        da = torch.zeros_like(lora_a)
+        if trainable:
+            da.index_copy_(0, active[:trainable].long(), reduce_over_m(x, dt)[:, :trainable].T.to(da.dtype))
+        grads.append(da)
+    if need_b:
+        db = torch.zeros_like(lora_b)
+        if trainable:
+            db.index_copy_(1, active[:trainable].long(), (reduce_over_m(dy, t)[:, :trainable] * scale).to(db.dtype))
+        grads.append(db)
+    return grads
+
+
+def fake_grads(dy, x, lora_a, lora_b, needs) -> list[torch.Tensor]:
+    """Empty gradients shaped as ``backward_grads`` returns them."""
+    grads = (dy.new_empty(x.shape), torch.empty_like(lora_a), torch.empty_like(lora_b))
+    return [g for g, need in zip(grads, needs) if need]
+
+
+def spread_grads(needs: list[bool], grads: list[torch.Tensor]) -> tuple:
+    """``(dx, dA, dB)`` from the gradients that were asked for, ``None`` for the others."""
+    given = iter(grads)
+    return tuple(next(given) if need else None for need in needs)
+
+
+# ------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("plora::linear", mutates_args=())
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, t)`` on 2-D ``x``: ``y = x Wᵀ + s · t B_actᵀ + bias`` and ``t = x A_actᵀ`` (kept for backward)."""
+    # Compiled graphs cannot read the indices while tracing: they are checked here, once per tensor version.
+    check_indices("active", active, lora_a.shape[0], x.device)
+    t = shrink_input(x, lora_a, active)
+    return gemm_with_slab(x, weight, t if t.shape[1] else None, lora_b, 1, active, scale, bias), t
+
+
+@_linear.register_fake
+def _(x, weight, lora_a, lora_b, active, scale, bias):
+    return fake_outputs(x, weight.shape[0], active)
+
+
+@torch.library.custom_op("plora::linear_backward", mutates_args=())
+def _linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    active: torch.Tensor,
+    scale: float,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Those of ``(dx, dA, dB)`` that ``needs`` asks for (see ``backward_grads``)."""
+    return backward_grads(dy, x, t, lora_a, lora_b, active, scale, active.numel(), lambda: weight.T, needs)
+
+
+@_linear_backward.register_fake
+def _(dy, x, t, weight, lora_a, lora_b, active, scale, needs):
+    return fake_grads(dy, x, lora_a, lora_b, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, active, scale, _ = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, active)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])  # t: saved for backward, never differentiated
+    ctx.set_materialize_grads(False)  # so no zero gradient is built for it
+
+
+def _backward(ctx, dy, _):
+    x, t, weight, lora_a, lora_b, active = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, _, _, need_bias = ctx.needs_input_grad
+    needs = [need_x, need_a, need_b]
+    grads = _linear_backward(dy, x, t, weight, lora_a, lora_b, active, ctx.scale, needs) if any(needs) else []
+    dx, da, db = spread_grads(needs, grads)
+    # A base weight or bias that requires grad (they are meant to be frozen): plain torch, an [N, K] temporary.
+    dw = (dy.T @ x).to(weight.dtype) if need_w else None
+    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
+    return dx, dw, da, db, None, None, dbias
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- the op
 
 
 def plora_linear(
@@ -94,6 +183,13 @@ def plora_linear(
     and columns of ``lora_b`` outside ``active`` get exactly zero. The base weight is meant to be
     frozen: if it does require grad, ``dW = dyᵀ x`` is computed with a plain torch matmul (an
     ``[N, K]`` temporary), and likewise ``dbias = Σ dy`` when the bias requires grad.
+
+    Under ``torch.compile`` (``fullgraph=True`` works) the Triton path is the custom op
+    ``plora::linear``, forward and backward: shape, dtype and device checks run while tracing, index
+    values when the op runs (once per index tensor, as in eager). A new active set of the same size
+    changes no guard; with a dynamic size (``torch._dynamo.mark_dynamic``, or Dynamo's automatic dynamic
+    shapes after a size change) one graph serves every size of a rank bucket. The plain-torch path is
+    traced as ordinary torch code, and its index values are not checked there.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -105,7 +201,8 @@ def plora_linear(
     check_same_device("weight", weight, x.device)
     rank = check_adapters(lora_a, lora_b, (n, k), "weight", x.dtype, x.device, "x")
     check_bias(bias, n, x)
-    check_indices("active", active, rank, x.device)
+    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit)
+        check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
 
     leading = x.shape[:-1]
@@ -120,5 +217,5 @@ def plora_linear(
             f"x [{x2.shape[0]}, {k}] -> y [{x2.shape[0]}, {n}] with weight {tuple(weight.shape)} exceeds the kernels' "
             "32-bit offsets (2**31 elements per matrix): split the batch"
         )
-    y = _PLoRALinearFunction.apply(x2, weight, lora_a, lora_b, active, scale, bias)
+    y, _ = _linear(x2, weight, lora_a, lora_b, active, scale, bias)
     return y.reshape(*leading, n)

@@ -1,13 +1,20 @@
-"""``plora_linear_nf4``: the fused PLoRA linear op over a 4-bit NF4 base weight (checks, autograd, launches)."""
+"""``plora_linear_nf4``: the fused PLoRA linear op over a 4-bit NF4 base weight (checks, custom ops with
+autograd, launches).
+
+As ``plora_linear``, the Triton path is a pair of ``torch.library`` custom ops, ``plora::linear_nf4`` and
+``plora::linear_nf4_backward``, so that ``torch.compile`` traces it as one node; the NF4 weight enters
+them as its tensors, sizes and dtype (``_flatten``).
+"""
 
 from __future__ import annotations
 
 import torch
 
 from .._checks import check_adapters, check_bias, check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
-from .._runtime import INTERPRET, rank_bucket
-from ..nf4 import as_nf4, dequantize_nf4
-from ..plora_linear._triton import gemm_with_slab, reduce_over_m, shrink
+from .._runtime import INTERPRET
+from ..nf4 import NF4Weight, as_nf4, dequantize_nf4
+from ..plora_linear._triton import gemm_with_slab
+from ..plora_linear.op import backward_grads, fake_grads, fake_outputs, shrink_input, spread_grads
 from . import _triton
 from .naive import plora_linear_nf4_reference
 
@@ -17,43 +24,100 @@ from .naive import plora_linear_nf4_reference
 FUSED_MAX_M = 128
 
 
-class _PLoRALinearNF4Function(torch.autograd.Function):
-    """``x deq(W)ᵀ + s · (x A_actᵀ) B_actᵀ + bias`` on 2-D ``x``; saves ``x`` and ``t`` (fp32 ``[M, P]``)."""
+@torch.library.custom_op("plora::linear_nf4", mutates_args=())
+def _linear_nf4(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor | None,
+    nf4_tensors: list[torch.Tensor],
+    nf4_sizes: list[int],
+    nf4_dtype: torch.dtype,
+    active: torch.Tensor,
+    scale: float,
+    fused: bool,
+    trainable: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, t)`` on 2-D ``x``: ``y = x deq(W)ᵀ + s · t B_actᵀ + bias``, ``t = x A_actᵀ`` (kept for backward).
 
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, nf4, active, scale, fused, trainable):
-        count = active.numel()
-        t = shrink(x, lora_a, 0, active, rank_bucket(count), 1.0) if count else None
-        if fused:
-            y = _triton.gemm_nf4_with_slab(x, nf4, t, lora_b, active, scale, bias)
-        else:
-            y = gemm_with_slab(x, _dense(nf4, x.dtype), t, lora_b, 1, active, scale, bias)
-        ctx.save_for_backward(x, t, lora_a, lora_b, active)
-        ctx.nf4, ctx.scale, ctx.trainable = nf4, scale, trainable
-        return y
+    The NF4 weight comes as ``_flatten`` gives it; ``trainable`` is for the autograd formula only."""
+    check_indices("active", active, lora_a.shape[0], x.device)  # see ``plora::linear``
+    nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
+    t = shrink_input(x, lora_a, active)
+    slab = t if t.shape[1] else None
+    if fused:
+        y = _triton.gemm_nf4_with_slab(x, nf4, slab, lora_b, active, scale, bias)
+    else:
+        y = gemm_with_slab(x, _dense(nf4, x.dtype), slab, lora_b, 1, active, scale, bias)
+    return y, t
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, lora_a, lora_b, active = ctx.saved_tensors
-        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
-        scale, count, trainable = ctx.scale, active.numel(), ctx.trainable
-        dt = shrink(dy, lora_b, 1, active, t.shape[1], scale) if count and (need_x or need_a) else None
-        dx = da = db = dbias = None
-        if need_x:
-            # dx = dy deq(W) + dt A_act through a dequantised temporary (freed on return).
-            dx = gemm_with_slab(dy, _dense(ctx.nf4, dy.dtype).T, dt, lora_a, 0, active, 1.0, None)
-        # Only the first ``trainable`` modules of ``active`` get gradients; the others are frozen terms.
-        if need_a:
-            da = torch.zeros_like(lora_a)
-            if trainable:
-                da.index_copy_(0, active[:trainable].long(), reduce_over_m(x, dt)[:, :trainable].T.to(da.dtype))
-        if need_b:
-            db = torch.zeros_like(lora_b)
-            if trainable:
-                db.index_copy_(1, active[:trainable].long(), (reduce_over_m(dy, t)[:, :trainable] * scale).to(db.dtype))
-        if need_bias:
-            dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-        return dx, da, db, dbias, None, None, None, None, None
+
+@_linear_nf4.register_fake
+def _(x, lora_a, lora_b, bias, nf4_tensors, nf4_sizes, nf4_dtype, active, scale, fused, trainable):
+    return fake_outputs(x, nf4_sizes[0], active)
+
+
+@torch.library.custom_op("plora::linear_nf4_backward", mutates_args=())
+def _linear_nf4_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    active: torch.Tensor,
+    nf4_tensors: list[torch.Tensor],
+    nf4_sizes: list[int],
+    nf4_dtype: torch.dtype,
+    scale: float,
+    trainable: int,
+    needs: list[bool],
+) -> list[torch.Tensor]:
+    """Those of ``(dx, dA, dB)`` that ``needs`` asks for; ``dx`` through a dequantised temporary (freed on return)."""
+    nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
+    return backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, lambda: _dense(nf4, dy.dtype).T, needs)
+
+
+@_linear_nf4_backward.register_fake
+def _(dy, x, t, lora_a, lora_b, active, nf4_tensors, nf4_sizes, nf4_dtype, scale, trainable, needs):
+    return fake_grads(dy, x, lora_a, lora_b, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, _, nf4_tensors, nf4_sizes, nf4_dtype, active, scale, _, trainable = inputs
+    ctx.save_for_backward(x, output[1], lora_a, lora_b, active, *nf4_tensors)
+    ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable = nf4_sizes, nf4_dtype, scale, trainable
+    ctx.mark_non_differentiable(output[1])  # t: saved for backward, never differentiated
+    ctx.set_materialize_grads(False)  # so no zero gradient is built for it
+
+
+def _backward(ctx, dy, _):
+    x, t, lora_a, lora_b, active, *nf4_tensors = ctx.saved_tensors
+    need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
+    needs = [need_x, need_a, need_b]
+    grads = (
+        _linear_nf4_backward(dy, x, t, lora_a, lora_b, active, nf4_tensors, ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable, needs)
+        if any(needs)
+        else []
+    )
+    dx, da, db = spread_grads(needs, grads)
+    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_bias else None
+    return dx, da, db, dbias, [None] * len(nf4_tensors), None, None, None, None, None, None
+
+
+_linear_nf4.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flatten(nf4: NF4Weight) -> tuple[list[torch.Tensor], list[int], torch.dtype]:
+    """An ``NF4Weight`` as custom-op arguments: its tensors (packed, absmax, code, then offset, absmax2 and
+    code2 when nested), ``[N, K, blocksize, blocksize2]`` and its dtype."""
+    nested = [nf4.offset, nf4.absmax2, nf4.code2] if nf4.nested else []
+    return [nf4.packed, nf4.absmax, nf4.code, *nested], [*nf4.shape, nf4.blocksize, nf4.blocksize2], nf4.dtype
+
+
+def _unflatten(tensors: list[torch.Tensor], sizes: list[int], dtype: torch.dtype) -> NF4Weight:
+    packed, absmax, code, *nested = tensors
+    n, k, blocksize, blocksize2 = sizes
+    return NF4Weight(packed, absmax, torch.Size((n, k)), dtype, blocksize, code, *nested, blocksize2=blocksize2)
 
 
 def _dense(nf4, dtype: torch.dtype) -> torch.Tensor:
@@ -90,7 +154,8 @@ def plora_linear_nf4(
 
     Returns ``[..., N]`` in x's dtype (fp32 accumulation). Gradients flow to ``x`` (through a
     dequantised temporary), ``lora_a``, ``lora_b`` (zero outside the trainable modules) and ``bias``;
-    the 4-bit weight is frozen.
+    the 4-bit weight is frozen. ``torch.compile`` support, including ``fullgraph=True``, is as for
+    ``plora_linear``.
     """
     check_tensor("x", x, min_ndim=1)
     nf4 = as_nf4(param, quant_state)
@@ -103,7 +168,8 @@ def plora_linear_nf4(
     check_same_device("param", nf4.packed, x.device)
     rank = check_adapters(lora_a, lora_b, (n, k), "param", x.dtype, x.device, "x")
     check_bias(bias, n, x)
-    check_indices("active", active, rank, x.device)
+    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit)
+        check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
     if trainable is None:
         trainable = active.numel()
@@ -122,5 +188,5 @@ def plora_linear_nf4(
     if x2.shape[0] == 0 or not (x.is_cuda or INTERPRET):
         return plora_linear_nf4_reference(x, nf4, lora_a, lora_b, active, scale, bias, trainable)
     fused = dequant == "fused" or (dequant == "auto" and x2.shape[0] <= FUSED_MAX_M and _triton.supports(nf4))
-    y = _PLoRALinearNF4Function.apply(x2, lora_a, lora_b, bias, nf4, active, scale, fused, trainable)
+    y, _ = _linear_nf4(x2, lora_a, lora_b, bias, *_flatten(nf4), active, scale, fused, trainable)
     return y.reshape(*leading, n)
