@@ -1,5 +1,6 @@
 """torch.compile with PLoRA: the fused ops are custom ops, so models compile to one graph (``fullgraph=True``),
-forward and backward, with eager's values, and a new active set within a rank bucket recompiles nothing."""
+forward and backward, with eager's values, and a new active set within a rank bucket recompiles nothing.
+Eager calls bypass the custom ops (an autograd.Function with the same bodies) and give bit-identical results."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.profiler import ProfilerActivity, profile
 from test_plora_linear_contract import _LaunchRecorder
 
 import plora
-from kernels import plora_linear, quantize_nf4
+from kernels import plora_linear, plora_linear_nf4, quantize_nf4
 from plora_models import randomize_adapters, tiny_model, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -88,6 +90,67 @@ def test_op_compiles_to_one_graph_with_eager_values(dtype, device):
             assert rel_error(got, expected) < MODEL_TOLERANCE[dtype], name
         else:
             assert torch.equal(got, expected), name
+    assert counter.frame_count == 1
+
+
+def two_paths(case: str, device):
+    """Leaves that get gradients, then the public op (eager path) and the custom op, as functions of nothing."""
+    kind, dtype = case.split("-")
+    dtype = getattr(torch, dtype)
+    x, weight, lora_a, lora_b, bias = operands(device, dtype)
+    leaves = [t.requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    active = torch.tensor([7, 1, 30], device=device)
+    if kind == "float":
+        weight.requires_grad_()  # dW too: plain torch in the autograd formula both paths share
+        return leaves + [weight], (
+            lambda: plora_linear(x, weight, lora_a, lora_b, active, 0.5, bias),
+            lambda: torch.ops.plora.linear(x, weight, lora_a, lora_b, active, 0.5, bias)[0],
+        )
+    fused = kind == "nf4fused"
+    nf4 = quantize_nf4(weight, 64, bnb.functional.create_dynamic_map().to(device))
+    dequant = "fused" if fused else "temporary"
+    return leaves, (  # two trainable modules, one frozen term
+        lambda: plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.5, bias, dequant=dequant, trainable=2),
+        lambda: torch.ops.plora.linear_nf4(x, lora_a, lora_b, bias, *nf4_op._flatten(nf4), active, 0.5, fused, 2)[0],
+    )
+
+
+def plora_ops_run(fn, grad=True) -> list[str]:
+    """The ``plora::`` custom ops that ``fn()`` dispatches, in order: forward and backward, or, with
+    ``grad=False``, a forward under ``torch.no_grad``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.set_grad_enabled(grad):
+        y = fn()
+        if grad:
+            y.float().sum().backward()
+    return [event.name for event in prof.events() if event.name.startswith("plora::")]
+
+
+@pytest.mark.parametrize("case", ["float-float32", "float-bfloat16", "nf4fused-bfloat16", "nf4temporary-float32"])
+def test_eager_path_equals_the_custom_op_bit_for_bit(case, device):
+    leaves, paths = two_paths(case, device)
+    results = []
+    for fn in paths:
+        for leaf in leaves:
+            leaf.grad = None
+        y = fn()
+        (y.float() * torch.arange(y.shape[-1], device=device)).sum().backward()
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    assert all(g is not None for g in results[0])
+    for name, got, expected in zip(("y", "dx", "dA", "dB", "dbias", "dW"), *results):
+        assert torch.equal(got, expected), name
+    with torch.no_grad():  # autograd records nothing: the eager path runs the forward body alone
+        assert torch.equal(paths[0](), paths[1]())
+
+
+@pytest.mark.parametrize("kind, op", [("float", "plora::linear"), ("nf4fused", "plora::linear_nf4")])
+def test_eager_calls_skip_the_custom_op_and_compiled_calls_run_it(kind, op, device):
+    _, (eager, custom) = two_paths(f"{kind}-float32", device)
+    assert plora_ops_run(custom) == [op, op + "_backward"]  # the profiler sees custom ops
+    assert plora_ops_run(eager) == [] and plora_ops_run(eager, grad=False) == []
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(eager, backend=counter, fullgraph=True)
+    plora_ops_run(compiled)  # the first call compiles forward and backward (compiling may dispatch the ops too)
+    assert plora_ops_run(compiled) == [op, op + "_backward"]
     assert counter.frame_count == 1
 
 

@@ -6,9 +6,18 @@ autograd formula. ``torch.compile`` therefore traces a call as one opaque node i
 and backward, and never steps into the launches. The active-index tensor is an ordinary tensor input:
 a new set of the same size changes no guard, and shapes depend on its size only through the rank
 bucket.
+
+Eager calls skip the dispatcher, whose Python custom-op machinery costs tens of µs per call
+(``bench/op_dispatch.py``): ``_LinearFunction``, an ``autograd.Function``, runs the same bodies as the
+custom ops (``_linear_forward``, ``_linear_backward_grads``, ``_backward``), so both paths give
+bit-identical values and gradients; a call that autograd does not record (``records_graph``) runs
+``_linear_forward`` alone. ``plora_linear`` takes the custom op only while
+``torch.compiler.is_compiling()`` (Dynamo tracing, export).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -66,6 +75,12 @@ def backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, weight_t,
     return grads
 
 
+def records_graph(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on, one of them requiring grad). Eager calls
+    that it would not record run the forward body directly, as a custom op does, without ``autograd.Function``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def fake_grads(dy, x, lora_a, lora_b, needs) -> list[torch.Tensor]:
     """Empty gradients shaped as ``backward_grads`` returns them."""
     grads = (dy.new_empty(x.shape), torch.empty_like(lora_a), torch.empty_like(lora_b))
@@ -78,11 +93,10 @@ def spread_grads(needs: list[bool], grads: list[torch.Tensor]) -> tuple:
     return tuple(next(given) if need else None for need in needs)
 
 
-# ------------------------------------------------------------------------------------- custom ops
+# ------------------------------------------------------------------------------- forward and backward
 
 
-@torch.library.custom_op("plora::linear", mutates_args=())
-def _linear(
+def _linear_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
     lora_a: torch.Tensor,
@@ -98,13 +112,7 @@ def _linear(
     return gemm_with_slab(x, weight, t if t.shape[1] else None, lora_b, 1, active, scale, bias), t
 
 
-@_linear.register_fake
-def _(x, weight, lora_a, lora_b, active, scale, bias):
-    return fake_outputs(x, weight.shape[0], active)
-
-
-@torch.library.custom_op("plora::linear_backward", mutates_args=())
-def _linear_backward(
+def _linear_backward_grads(
     dy: torch.Tensor,
     x: torch.Tensor,
     t: torch.Tensor,
@@ -119,11 +127,6 @@ def _linear_backward(
     return backward_grads(dy, x, t, lora_a, lora_b, active, scale, active.numel(), lambda: weight.T, needs)
 
 
-@_linear_backward.register_fake
-def _(dy, x, t, weight, lora_a, lora_b, active, scale, needs):
-    return fake_grads(dy, x, lora_a, lora_b, needs)
-
-
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, active, scale, _ = inputs
     ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, active)
@@ -132,11 +135,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # so no zero gradient is built for it
 
 
-def _backward(ctx, dy, _):
+def _backward(linear_backward, ctx, dy, _):
+    """The autograd formula of ``(y, t)``, with ``linear_backward`` (the custom op or its body) for ``(dx, dA, dB)``."""
     x, t, weight, lora_a, lora_b, active = ctx.saved_tensors
     need_x, need_w, need_a, need_b, _, _, need_bias = ctx.needs_input_grad
     needs = [need_x, need_a, need_b]
-    grads = _linear_backward(dy, x, t, weight, lora_a, lora_b, active, ctx.scale, needs) if any(needs) else []
+    grads = linear_backward(dy, x, t, weight, lora_a, lora_b, active, ctx.scale, needs) if any(needs) else []
     dx, da, db = spread_grads(needs, grads)
     # A base weight or bias that requires grad (they are meant to be frozen): plain torch, an [N, K] temporary.
     dw = (dy.T @ x).to(weight.dtype) if need_w else None
@@ -144,7 +148,41 @@ def _backward(ctx, dy, _):
     return dx, dw, da, db, None, None, dbias
 
 
-_linear.register_autograd(_backward, setup_context=_setup_context)
+# ------------------------------------------------------------------------ custom ops (torch.compile)
+
+_linear = torch.library.custom_op("plora::linear", _linear_forward, mutates_args=())
+_linear_backward = torch.library.custom_op("plora::linear_backward", _linear_backward_grads, mutates_args=())
+
+
+@_linear.register_fake
+def _(x, weight, lora_a, lora_b, active, scale, bias):
+    return fake_outputs(x, weight.shape[0], active)
+
+
+@_linear_backward.register_fake
+def _(dy, x, t, weight, lora_a, lora_b, active, scale, needs):
+    return fake_grads(dy, x, lora_a, lora_b, needs)
+
+
+_linear.register_autograd(functools.partial(_backward, _linear_backward), setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------ the eager path
+
+
+class _LinearFunction(torch.autograd.Function):
+    """``plora::linear`` and its autograd formula without the dispatcher: what eager calls run.
+
+    ``forward`` takes ``ctx`` and calls ``_setup_context`` itself: a separate ``setup_context`` would make
+    ``apply`` bind its arguments through ``inspect.signature`` on every call (tens of µs)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _linear_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(functools.partial(_backward, _linear_backward_grads))
 
 
 # --------------------------------------------------------------------------------------------- the op
@@ -184,12 +222,14 @@ def plora_linear(
     frozen: if it does require grad, ``dW = dyᵀ x`` is computed with a plain torch matmul (an
     ``[N, K]`` temporary), and likewise ``dbias = Σ dy`` when the bias requires grad.
 
-    Under ``torch.compile`` (``fullgraph=True`` works) the Triton path is the custom op
-    ``plora::linear``, forward and backward: shape, dtype and device checks run while tracing, index
-    values when the op runs (once per index tensor, as in eager). A new active set of the same size
-    changes no guard; with a dynamic size (``torch._dynamo.mark_dynamic``, or Dynamo's automatic dynamic
-    shapes after a size change) one graph serves every size of a rank bucket. The plain-torch path is
-    traced as ordinary torch code, and its index values are not checked there.
+    Eager calls run the Triton path as an ``autograd.Function`` (its forward body alone when autograd
+    records nothing), which skips the dispatcher. Under ``torch.compile`` (``fullgraph=True`` works) it
+    is the custom op ``plora::linear``, forward and backward, with the same bodies, so values and
+    gradients are bit-identical: shape, dtype and device checks run while tracing, index values when the
+    op runs (once per index tensor, as in eager). A new active set of the same size changes no guard;
+    with a dynamic size (``torch._dynamo.mark_dynamic``, or Dynamo's automatic dynamic shapes after a size
+    change) one graph serves every size of a rank bucket. The plain-torch path is traced as ordinary
+    torch code, and its index values are not checked there.
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -217,5 +257,9 @@ def plora_linear(
             f"x [{x2.shape[0]}, {k}] -> y [{x2.shape[0]}, {n}] with weight {tuple(weight.shape)} exceeds the kernels' "
             "32-bit offsets (2**31 elements per matrix): split the batch"
         )
-    y, _ = _linear(x2, weight, lora_a, lora_b, active, scale, bias)
+    if torch.compiler.is_compiling():
+        op = _linear
+    else:
+        op = _LinearFunction.apply if records_graph(x2, weight, lora_a, lora_b, bias) else _linear_forward
+    y, _ = op(x2, weight, lora_a, lora_b, active, scale, bias)
     return y.reshape(*leading, n)

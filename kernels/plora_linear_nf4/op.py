@@ -3,10 +3,14 @@ autograd, launches).
 
 As ``plora_linear``, the Triton path is a pair of ``torch.library`` custom ops, ``plora::linear_nf4`` and
 ``plora::linear_nf4_backward``, so that ``torch.compile`` traces it as one node; the NF4 weight enters
-them as its tensors, sizes and dtype (``_flatten``).
+them as its tensors, sizes and dtype (``_flatten``). Eager calls run the same bodies as an
+``autograd.Function``, ``_LinearNF4Function`` (or the forward body alone when autograd records nothing),
+which skips the dispatcher (bit-identical results).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -14,7 +18,7 @@ from .._checks import check_adapters, check_bias, check_float_dtype, check_indic
 from .._runtime import INTERPRET
 from ..nf4 import NF4Weight, as_nf4, dequantize_nf4
 from ..plora_linear._triton import gemm_with_slab
-from ..plora_linear.op import backward_grads, fake_grads, fake_outputs, shrink_input, spread_grads
+from ..plora_linear.op import backward_grads, fake_grads, fake_outputs, records_graph, shrink_input, spread_grads
 from . import _triton
 from .naive import plora_linear_nf4_reference
 
@@ -24,8 +28,7 @@ from .naive import plora_linear_nf4_reference
 FUSED_MAX_M = 128
 
 
-@torch.library.custom_op("plora::linear_nf4", mutates_args=())
-def _linear_nf4(
+def _linear_nf4_forward(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
@@ -52,13 +55,7 @@ def _linear_nf4(
     return y, t
 
 
-@_linear_nf4.register_fake
-def _(x, lora_a, lora_b, bias, nf4_tensors, nf4_sizes, nf4_dtype, active, scale, fused, trainable):
-    return fake_outputs(x, nf4_sizes[0], active)
-
-
-@torch.library.custom_op("plora::linear_nf4_backward", mutates_args=())
-def _linear_nf4_backward(
+def _linear_nf4_backward_grads(
     dy: torch.Tensor,
     x: torch.Tensor,
     t: torch.Tensor,
@@ -77,11 +74,6 @@ def _linear_nf4_backward(
     return backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, lambda: _dense(nf4, dy.dtype).T, needs)
 
 
-@_linear_nf4_backward.register_fake
-def _(dy, x, t, lora_a, lora_b, active, nf4_tensors, nf4_sizes, nf4_dtype, scale, trainable, needs):
-    return fake_grads(dy, x, lora_a, lora_b, needs)
-
-
 def _setup_context(ctx, inputs, output):
     x, lora_a, lora_b, _, nf4_tensors, nf4_sizes, nf4_dtype, active, scale, _, trainable = inputs
     ctx.save_for_backward(x, output[1], lora_a, lora_b, active, *nf4_tensors)
@@ -90,12 +82,14 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # so no zero gradient is built for it
 
 
-def _backward(ctx, dy, _):
+def _backward(linear_nf4_backward, ctx, dy, _):
+    """The autograd formula of ``(y, t)``, with ``linear_nf4_backward`` (the custom op or its body) for
+    ``(dx, dA, dB)``; one ``None`` per NF4 tensor, as a custom op's list argument wants."""
     x, t, lora_a, lora_b, active, *nf4_tensors = ctx.saved_tensors
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     needs = [need_x, need_a, need_b]
     grads = (
-        _linear_nf4_backward(dy, x, t, lora_a, lora_b, active, nf4_tensors, ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable, needs)
+        linear_nf4_backward(dy, x, t, lora_a, lora_b, active, nf4_tensors, ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable, needs)
         if any(needs)
         else []
     )
@@ -104,7 +98,42 @@ def _backward(ctx, dy, _):
     return dx, da, db, dbias, [None] * len(nf4_tensors), None, None, None, None, None, None
 
 
-_linear_nf4.register_autograd(_backward, setup_context=_setup_context)
+# ------------------------------------------------------------------------ custom ops (torch.compile)
+
+_linear_nf4 = torch.library.custom_op("plora::linear_nf4", _linear_nf4_forward, mutates_args=())
+_linear_nf4_backward = torch.library.custom_op("plora::linear_nf4_backward", _linear_nf4_backward_grads, mutates_args=())
+
+
+@_linear_nf4.register_fake
+def _(x, lora_a, lora_b, bias, nf4_tensors, nf4_sizes, nf4_dtype, active, scale, fused, trainable):
+    return fake_outputs(x, nf4_sizes[0], active)
+
+
+@_linear_nf4_backward.register_fake
+def _(dy, x, t, lora_a, lora_b, active, nf4_tensors, nf4_sizes, nf4_dtype, scale, trainable, needs):
+    return fake_grads(dy, x, lora_a, lora_b, needs)
+
+
+_linear_nf4.register_autograd(functools.partial(_backward, _linear_nf4_backward), setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------ the eager path
+
+
+class _LinearNF4Function(torch.autograd.Function):
+    """``plora::linear_nf4`` and its autograd formula without the dispatcher: what eager calls run (``forward``
+    takes ``ctx`` for the reason given in ``plora_linear``'s ``_LinearFunction``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _linear_nf4_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dt):
+        dx, da, db, dbias, _, *others = _backward(_linear_nf4_backward_grads, ctx, dy, dt)
+        return dx, da, db, dbias, None, *others  # autograd.Function wants one None for the list of NF4 tensors
 
 
 def _flatten(nf4: NF4Weight) -> tuple[list[torch.Tensor], list[int], torch.dtype]:
@@ -154,8 +183,9 @@ def plora_linear_nf4(
 
     Returns ``[..., N]`` in x's dtype (fp32 accumulation). Gradients flow to ``x`` (through a
     dequantised temporary), ``lora_a``, ``lora_b`` (zero outside the trainable modules) and ``bias``;
-    the 4-bit weight is frozen. ``torch.compile`` support, including ``fullgraph=True``, is as for
-    ``plora_linear``.
+    the 4-bit weight is frozen. ``torch.compile`` support, including ``fullgraph=True``, and the choice
+    between the eager path (an ``autograd.Function``, or its forward body when autograd records nothing)
+    and the custom op ``plora::linear_nf4`` while compiling, are as for ``plora_linear``.
     """
     check_tensor("x", x, min_ndim=1)
     nf4 = as_nf4(param, quant_state)
@@ -188,5 +218,9 @@ def plora_linear_nf4(
     if x2.shape[0] == 0 or not (x.is_cuda or INTERPRET):
         return plora_linear_nf4_reference(x, nf4, lora_a, lora_b, active, scale, bias, trainable)
     fused = dequant == "fused" or (dequant == "auto" and x2.shape[0] <= FUSED_MAX_M and _triton.supports(nf4))
-    y, _ = _linear_nf4(x2, lora_a, lora_b, bias, *_flatten(nf4), active, scale, fused, trainable)
+    if torch.compiler.is_compiling():
+        op = _linear_nf4
+    else:
+        op = _LinearNF4Function.apply if records_graph(x2, lora_a, lora_b, bias) else _linear_nf4_forward
+    y, _ = op(x2, lora_a, lora_b, bias, *_flatten(nf4), active, scale, fused, trainable)
     return y.reshape(*leading, n)
