@@ -3,6 +3,7 @@ HTTP, the app submitted with ``flwr run flower_app``. The run's global adapters 
 equal the in-process simulator's (FLoRA's base updates live in the nodes' state between messages)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +18,15 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 from test_fl_flower import ROOT, same_run, simulated  # noqa: E402
 from test_fl_simulation import DATA, tiny_config, tiny_models  # noqa: E402,F401  (fixture)
 
-BIN = Path(sys.executable).parent
+
+
+def flower_cli(name: str) -> str:
+    """Flower's command ``name``: beside this Python, else on PATH."""
+    found = Path(sys.executable).parent / name
+    path = str(found) if found.exists() else shutil.which(name)
+    assert path, f"{name} not found beside {sys.executable} or on PATH: a broken Flower install"
+    return path
+
 METHODS = ["fedplora", "flora"]
 
 
@@ -49,7 +58,7 @@ def test_flwr_run_on_a_superlink_with_supernodes_equals_our_simulator(tiny_model
 
     def start(name, *args):
         log = tmp_path / f"{name}.log"
-        process = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
+        process = subprocess.Popen([flower_cli(args[0]), *args[1:]], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)
         processes.append(process)
         return process, log
 
@@ -68,7 +77,7 @@ def test_flwr_run_on_a_superlink_with_supernodes_equals_our_simulator(tiny_model
             "methods.names": "'" + str(METHODS).replace("'", '"') + "'", "flower.node-timeout": 120.0,
         }
         run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
-        submitted = subprocess.run([str(BIN / "flwr"), "run", str(ROOT / "flower_app"), "test", "--stream", "--run-config", run_config],
+        submitted = subprocess.run([flower_cli("flwr"), "run", str(ROOT / "flower_app"), "test", "--stream", "--run-config", run_config],
                                    env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
         logs = submitted.stdout[-4000:] + submitted.stderr[-2000:]
         assert submitted.returncode == 0 and (tmp_path / "deployed" / "summary.md").exists(), logs
