@@ -43,7 +43,10 @@ def rank_bucket(count: int) -> int:
     Kernels are specialised on the bucket only, never on the count or the indices, so any active set
     of the same bucket reuses the compiled kernel.
     """
-    return max(MIN_RANK_BUCKET, triton.next_power_of_2(max(count, 1)))
+    bucket = MIN_RANK_BUCKET  # doubling by comparisons: cheap on the host, and a symbolic count under
+    while bucket < count:  # torch.compile guards only on the bucket's bounds
+        bucket *= 2
+    return bucket
 
 
 def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
