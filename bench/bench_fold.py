@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench.common import median_ms, on_gpu, peak_memory_bytes, synced
-from kernels import fold_, fold_nf4_, plora_linear, plora_linear_nf4
+from fed_plora.kernels import fold_, fold_nf4_, plora_linear, plora_linear_nf4
 
 RANK, FOLDED, SCALE = 64, 32, 0.5
 
@@ -61,7 +61,9 @@ def _adapter(n: int, k: int, seed: int):
 def _params4bit(weight: torch.Tensor):
     import bitsandbytes as bnb
 
-    return bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True).to(weight.device)
+    return bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=64, compress_statistics=True).to(
+        weight.device
+    )
 
 
 def _peft_lora_4bit(weight, lora_a, lora_b, indices):
@@ -89,7 +91,11 @@ def fold_call(variant: str, n: int, k: int):
         dst = torch.empty_like(weight)
         return (lambda: dst.copy_(weight)), None, {"bytes": 2 * weight.numel() * weight.element_size()}
     if variant == "fold":
-        return (lambda: fold_(weight, lora_a, lora_b, indices, SCALE)), None, {"bytes": 2 * weight.numel() * weight.element_size()}
+        return (
+            (lambda: fold_(weight, lora_a, lora_b, indices, SCALE)),
+            None,
+            {"bytes": 2 * weight.numel() * weight.element_size()},
+        )
     if variant == "fold_nf4":
         param = _params4bit(weight)
         return (lambda: fold_nf4_(param, lora_a, lora_b, indices, SCALE)), None, {}

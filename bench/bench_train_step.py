@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import plora
 from bench.common import bench_device, median_ms, on_gpu, peak_memory_bytes, synced
+from fed_plora import plora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

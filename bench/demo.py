@@ -15,8 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
 
-from bench.common import environment, median_ms, on_gpu  # noqa: E402
-from kernels import plora_linear, plora_linear_reference  # noqa: E402
+from bench.common import environment, median_ms, on_gpu
+from fed_plora.kernels import plora_linear, plora_linear_reference
 
 
 def main() -> None:

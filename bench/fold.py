@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from bench.common import format_table, on_gpu, run_suite, write_result
 
 SUITE = Path(__file__).resolve().parent / "bench_fold.py"
@@ -35,8 +34,8 @@ def _ratio(num, den):
 
 def fold_rows(entries: dict) -> list[dict]:
     rows = []
-    for (n, k) in sorted({(e["extra_info"]["N"], e["extra_info"]["K"]) for e in entries.values() if "folded" in e["extra_info"]}):
-        get = lambda variant: entries.get(("fold", variant, n, k))  # noqa: E731
+    for n, k in sorted({(e["extra_info"]["N"], e["extra_info"]["K"]) for e in entries.values() if "folded" in e["extra_info"]}):
+        get = lambda variant: entries.get(("fold", variant, n, k))
         fold, copy = get("fold"), get("copy")
         moved = fold["extra_info"]["bytes"] if fold else None
         row = {
@@ -55,8 +54,10 @@ def fold_rows(entries: dict) -> list[dict]:
 
 def forward_rows(entries: dict) -> list[dict]:
     rows = []
-    for m, k, n in sorted({(e["extra_info"]["M"], e["extra_info"]["K"], e["extra_info"]["N"]) for e in entries.values() if "M" in e["extra_info"]}):
-        get = lambda variant: _ms(entries.get(("fwd", variant, m, k, n)))  # noqa: E731
+    for m, k, n in sorted(
+        {(e["extra_info"]["M"], e["extra_info"]["K"], e["extra_info"]["N"]) for e in entries.values() if "M" in e["extra_info"]}
+    ):
+        get = lambda variant: _ms(entries.get(("fwd", variant, m, k, n)))
         row = {
             "M": m, "K": k, "N": n,
             "bf16_fused_ms": get("fwd_bf16"), "nf4_temporary_ms": get("fwd_nf4_temporary"),
@@ -85,11 +86,16 @@ def targets(folds: list[dict], forwards: list[dict]) -> list[str]:
     lines = []
     for row in folds:
         lines.append(f"bf16 fold {row['N']}x{row['K']}: {_fmt(row['fold/copy_bandwidth'])} of copy bandwidth (target >= 0.85)")
-        lines.append(f"NF4 fold {row['N']}x{row['K']}: {_fmt(row['peft_merge/fold_nf4'])}x faster than PEFT's 4-bit merge (target >= 100)")
+        lines.append(
+            f"NF4 fold {row['N']}x{row['K']}: {_fmt(row['peft_merge/fold_nf4'])}x faster than PEFT's 4-bit merge (target >= 100)"
+        )
     for row in forwards:
         if row["M"] == 4096 or not on_gpu():
             best = min((v for v in (row["nf4_temporary/bf16"], row["nf4_fused/bf16"]) if v is not None), default=None)
-            lines.append(f"NF4 forward M={row['M']} {row['K']}->{row['N']}: {_fmt(best)}x our bf16 fused forward (target <= 1.10 at M = 4096)")
+            lines.append(
+                f"NF4 forward M={row['M']} {row['K']}->{row['N']}: {_fmt(best)}x our bf16 fused forward"
+                " (target <= 1.10 at M = 4096)"
+            )
     return lines
 
 
@@ -99,7 +105,13 @@ def _fmt(value) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="fold / NF4 benchmarks")
-    parser.add_argument("--fidelity", dest="fidelity", action="store_true", default=on_gpu(), help="also run bench.nf4_fidelity (default on a GPU)")
+    parser.add_argument(
+        "--fidelity",
+        dest="fidelity",
+        action="store_true",
+        default=on_gpu(),
+        help="also run bench.nf4_fidelity (default on a GPU)",
+    )
     parser.add_argument("--no-fidelity", dest="fidelity", action="store_false")
     args, pytest_args = parser.parse_known_args(argv)
     pytest_args = [a for a in pytest_args if a != "--"]

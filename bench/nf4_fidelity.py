@@ -30,9 +30,9 @@ if not torch.cuda.is_available():
     # MiniLM step, measured): one thread avoids it.
     torch.set_num_threads(1)
 
-from bench.common import bench_device, format_table, write_result  # noqa: E402
-from kernels import dequantize_nf4, fold_nf4_, quantize_nf4  # noqa: E402
-from kernels.nf4 import fold_nf4_reference  # noqa: E402
+from bench.common import bench_device, format_table, write_result
+from fed_plora.kernels import dequantize_nf4, fold_nf4_, quantize_nf4
+from fed_plora.kernels.nf4 import fold_nf4_reference
 
 COLA = "/work/shared/data/glue/CoLA/in_domain_train.tsv"
 SWEEP = (0.25, 1.0, 4.0, 16.0, 64.0)
@@ -76,7 +76,8 @@ def train_adapter(args, device: torch.device) -> tuple[torch.nn.Module, dict]:
     facts = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 + classification head",
         "data": f"{len(sentences)} CoLA training sentences", "steps": args.steps, "batch": args.batch,
-        "lr": args.lr, "rank": args.rank, "alpha": args.alpha, "device": str(device), "seconds": round(time.perf_counter() - start, 1),
+        "lr": args.lr, "rank": args.rank, "alpha": args.alpha, "device": str(device),
+        "seconds": round(time.perf_counter() - start, 1),
         "loss_first_10": sum(losses[:10]) / 10, "loss_last_10": sum(losses[-10:]) / 10,
     }  # fmt: skip
     return model, facts
@@ -120,7 +121,7 @@ def fold_fidelity(weight, lora_a, lora_b, scale, absmax_code, device, blocksize=
 def output_errors(weight, lora_a, lora_b, scale, absmax_code, device, tokens=64) -> dict:
     """Layer output error relative to ``‖x Δᵀ‖`` of a bf16 NF4 base with fp32 activations: the 4-bit
     fold against the frozen low-rank term evaluated by the fused op (``plora_linear_nf4``)."""
-    from kernels import plora_linear_nf4
+    from fed_plora.kernels import plora_linear_nf4
 
     nf4 = quantize_nf4(weight.to(device, torch.bfloat16), 64, absmax_code)
     lora_a, lora_b = (t.to(device, torch.bfloat16) for t in (lora_a, lora_b))  # the stored adapter
@@ -133,7 +134,10 @@ def output_errors(weight, lora_a, lora_b, scale, absmax_code, device, tokens=64)
     fold_nf4_(nf4, lora_a, lora_b, indices, scale)
     folded = x.double() @ dequantize_nf4(nf4).double().T
     norm = (x.double() @ delta.T).norm()
-    return {"fold_output_error": ((folded - exact).norm() / norm).item(), "low_rank_output_error": ((low_rank - exact).norm() / norm).item()}
+    return {
+        "fold_output_error": ((folded - exact).norm() / norm).item(),
+        "low_rank_output_error": ((low_rank - exact).norm() / norm).item(),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -165,7 +169,11 @@ def main(argv: list[str]) -> int:
         row.update(output_errors(weight, lora_a, lora_b, scale, absmax_code, device))
         rows.append(row)
     print()
-    print(format_table(rows, ["layer", "shape", "delta_over_w", "fidelity", "tie_rate", "fold_output_error", "low_rank_output_error"]))
+    print(
+        format_table(
+            rows, ["layer", "shape", "delta_over_w", "fidelity", "tie_rate", "fold_output_error", "low_rank_output_error"]
+        )
+    )
 
     # Sweep: the trained deltas of every layer scaled by a common factor (larger deltas: more rounds
     # folded at once, larger learning rates, longer training).
@@ -177,14 +185,27 @@ def main(argv: list[str]) -> int:
             if not args.layers or any(f"layer.{i}." in name for i in args.layers)
         ]
         weights = [r["values"] for r in results]
-        mean = lambda key: sum(r[key] * n for r, n in zip(results, weights)) / sum(weights)  # noqa: E731
-        sweep.append({"factor": factor, "delta_over_w": mean("delta_over_w"), "fidelity": mean("fidelity"), "tie_rate": mean("tie_rate")})
+        mean = lambda key: sum(r[key] * n for r, n in zip(results, weights)) / sum(weights)
+        sweep.append(
+            {"factor": factor, "delta_over_w": mean("delta_over_w"), "fidelity": mean("fidelity"), "tie_rate": mean("tie_rate")}
+        )
     print()
     print(format_table(sweep, ["factor", "delta_over_w", "fidelity", "tie_rate"]))
     ties = sum(r["tie_rate"] * r["values"] for r in rows) / sum(r["values"] for r in rows)
     print(f"\ntie rate (codes differing from the float64 reference) over all trained layers: {ties:.2e}")
 
-    path = write_result("nf4_fidelity", {"training": training, "encoder_layers": args.layers, "blocksize": 64, "double_quant": True, "layers": rows, "sweep": sweep, "tie_rate": ties})
+    path = write_result(
+        "nf4_fidelity",
+        {
+            "training": training,
+            "encoder_layers": args.layers,
+            "blocksize": 64,
+            "double_quant": True,
+            "layers": rows,
+            "sweep": sweep,
+            "tie_rate": ties,
+        },
+    )
     print(f"wrote {path}")
     return 0
 

@@ -38,14 +38,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import: the Triton path runs
 
-import bitsandbytes.functional as bnb_functional  # noqa: E402
+import bitsandbytes.functional as bnb_functional
 
-from bench.common import bench_device, format_table, on_gpu, write_result  # noqa: E402
-from kernels import plora_linear, plora_linear_nf4  # noqa: E402
-from kernels.nf4 import quantize_nf4_reference  # noqa: E402
+from bench.common import bench_device, format_table, on_gpu, write_result
+from fed_plora.kernels import plora_linear, plora_linear_nf4
+from fed_plora.kernels.nf4 import quantize_nf4_reference
 
-float_op = importlib.import_module("kernels.plora_linear.op")
-nf4_op = importlib.import_module("kernels.plora_linear_nf4.op")
+float_op = importlib.import_module("fed_plora.kernels.plora_linear.op")
+nf4_op = importlib.import_module("fed_plora.kernels.plora_linear_nf4.op")
 
 M, K, N, R, ACTIVE = 16, 1024, 1024, 16, 8  # a small model's layer at decode-like token counts
 DTYPE = torch.bfloat16
@@ -110,10 +110,10 @@ def make_call(op: str, mode: str, device: torch.device, m=M, k=K, n=N):
     active = torch.randperm(R, generator=gen, device=device)[:ACTIVE]
     leaves = [t.requires_grad_(mode == "fwd+bwd") for t in (x, lora_a, lora_b)]
     if op == "float":
-        forward = lambda: plora_linear(x, weight, lora_a, lora_b, active, SCALE)  # noqa: E731
+        forward = lambda: plora_linear(x, weight, lora_a, lora_b, active, SCALE)
     else:
         nf4 = quantize_nf4_reference(weight, 64, bnb_functional.create_dynamic_map().to(device))  # QLoRA's nested absmax
-        forward = lambda: plora_linear_nf4(x, nf4, lora_a, lora_b, active, SCALE)  # noqa: E731
+        forward = lambda: plora_linear_nf4(x, nf4, lora_a, lora_b, active, SCALE)
 
     def call():
         if mode == "fwd":
@@ -196,7 +196,9 @@ def main(argv: list[str]) -> int:
         for op in ("float", "nf4"):
             for mode in ("fwd", "fwd+bwd"):
                 call, _ = make_call(op, mode, device)
-                samples = time_per_call_us({"eager": (call, ExitStack), "custom_op": (call, lambda: custom_op_path(op))}, args.rounds, args.calls)
+                samples = time_per_call_us(
+                    {"eager": (call, ExitStack), "custom_op": (call, lambda: custom_op_path(op))}, args.rounds, args.calls
+                )
                 eager, custom = summary(samples["eager"]), summary(samples["custom_op"])
                 rows.append({
                     "op": "plora_linear" if op == "float" else "plora_linear_nf4",
@@ -215,12 +217,26 @@ def main(argv: list[str]) -> int:
 
     note = (
         "HOST OVERHEAD ONLY, not kernel time: Triton launches replaced by stand-ins that allocate their outputs; "
-        + ("CUDA device, host clock, no synchronisation" if on_gpu() else "on CPU without a GPU (Triton interpreter path, nothing interpreted)")
+        + (
+            "CUDA device, host clock, no synchronisation"
+            if on_gpu()
+            else "on CPU without a GPU (Triton interpreter path, nothing interpreted)"
+        )
         + f"; per-call medians of {args.rounds} interleaved batches of {args.calls} calls, wall clock (*_us) and CPU time of "
         "the calling thread (*_cpu_us); reference: the custom-op path"
     )
     print()
-    columns = ["op", "pass", "eager_us", "custom_op_us", "eager/custom_op", "saved_us", "eager_cpu_us", "custom_op_cpu_us", "saved_cpu_us"]
+    columns = [
+        "op",
+        "pass",
+        "eager_us",
+        "custom_op_us",
+        "eager/custom_op",
+        "saved_us",
+        "eager_cpu_us",
+        "custom_op_cpu_us",
+        "saved_cpu_us",
+    ]
     print(format_table(rows, columns))
     print(f"\n({note}.)")
     payload = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import plora
 from bench.common import bench_device, format_table, write_result
+from fed_plora import plora
 
 SHAPE, RANK, CYCLES = (1024, 1024), 16, (1, 10, 100)
 

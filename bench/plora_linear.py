@@ -1,14 +1,13 @@
 """Drive the fused-op benchmark, print the table of ratios and write ``bench/results/plora_linear-<device>.json``.
 
-    python -m bench.plora_linear            # full GPU grid, or a smoke run through the interpreter on CPU
-    python -m bench.plora_linear -k M2048   # extra arguments go to pytest (select cases)
+python -m bench.plora_linear            # full GPU grid, or a smoke run through the interpreter on CPU
+python -m bench.plora_linear -k M2048   # extra arguments go to pytest (select cases)
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-
 
 from bench.common import format_table, on_gpu, run_suite, write_result
 

@@ -1,14 +1,13 @@
 """Drive the training-step benchmark, print PLoRA against PEFT and write ``bench/results/train_step-<device>.json``.
 
-    python -m bench.train_step              # GPU grid, or a smoke run through the interpreter on CPU
-    python -m bench.train_step -k 4bit      # extra arguments go to pytest (select cases)
+python -m bench.train_step              # GPU grid, or a smoke run through the interpreter on CPU
+python -m bench.train_step -k 4bit      # extra arguments go to pytest (select cases)
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-
 
 from bench.common import format_table, run_suite, write_result
 

@@ -1,4 +1,4 @@
-"""Entry point of ``python -m fl``."""
+"""Entry point of ``python -m fed_plora.fl`` (the same as the ``fed-plora`` command)."""
 
 import sys
 

@@ -1,5 +1,5 @@
-"""``python -m fl run``: one command for any method on any task, from a config file and flags;
-``python -m fl resume <run_dir>``: continue a killed run."""
+"""``fed-plora run``: one command for any method on any task, from a config file and flags;
+``fed-plora resume <run_dir>``: continue a killed run."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SHORTCUTS = {
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fl", description="Heterogeneous federated fine-tuning: Fed-PLoRA and baselines.")
+    p = argparse.ArgumentParser(prog="fed-plora", description="Heterogeneous federated fine-tuning: Fed-PLoRA and baselines.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="simulate one or more methods and write a run directory")
     run.add_argument("--config", help="TOML config file (sections run, task, model, federation, train, methods)")
@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="run directory name under run.out_dir")
     run.add_argument("--out-dir")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     resume = sub.add_parser("resume", help="continue a killed run from its last per-round checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
@@ -53,14 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     _quiet_transformers()
-    command = "python -m fl " + " ".join(shlex.quote(a) for a in argv)
+    command = "fed-plora " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "resume":
         from .experiment import resume_experiment
 
         directory, table = resume_experiment(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir)
         print(f"\n{table}\n\nrun directory: {directory} (resumed)")
         return 0
-    overrides = [f"{key}={toml_literal(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    overrides = [
+        f"{key}={toml_literal(getattr(args, flag))}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None
+    ]
     if args.methods:
         overrides.append(f"methods.names={toml_literal([m.strip() for m in args.methods.split(',') if m.strip()])}")
     config = load_config(args.config, overrides + args.set)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import plora
+from fed_plora import plora
 
 from .config import Config
 from .data import TaskSpec, score

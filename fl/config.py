@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Config":
+    def from_dict(cls, data: dict) -> Config:
         """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file)."""
         config = cls()
         for section, table in data.items():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,10 +51,14 @@ def build_federation(config: Config, tokenizer) -> Federation:
     task = get_task(config.task.name)
     data_dir = resolve_data_dir(config.task.data_dir)
     seed, fcfg = config.run.seed, config.federation
-    train = _subset(load_examples(task.name, "train", data_dir), config.task.max_train_examples, np.random.default_rng([seed, 10]))
+    train = _subset(
+        load_examples(task.name, "train", data_dir), config.task.max_train_examples, np.random.default_rng([seed, 10])
+    )
     evals = _subset(load_examples(task.name, "eval", data_dir), config.task.max_eval_examples, np.random.default_rng([seed, 11]))
     shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
-    ranks = assign_ranks(fcfg.rank_scheme, fcfg.clients, np.random.default_rng([seed, 13]), list(fcfg.rank_choices), config.model.rank)
+    ranks = assign_ranks(
+        fcfg.rank_scheme, fcfg.clients, np.random.default_rng([seed, 13]), list(fcfg.rank_choices), config.model.rank
+    )
     length = config.task.max_length
     if task.kind == "classification":
         train_f, eval_f = encode_classification(train, tokenizer, length), encode_classification(evals, tokenizer, length)
@@ -109,7 +113,7 @@ def run_experiment(
         done = checkpoint.rounds_done if checkpoint else 0
         bar = tqdm(total=config.federation.rounds, initial=done, desc=f"{method:>9}", disable=not progress, leave=True)
 
-        def on_round(record: dict) -> None:
+        def on_round(record: dict, bar: tqdm = bar) -> None:
             writer.append(record)
             shown = {"loss": record["train_loss"], task.metric: record.get(f"eval_{task.metric}")}
             bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})  # None: no update, no eval
@@ -146,4 +150,3 @@ def resume_experiment(directory: Path, progress: bool = True, data_dir: str | No
     if data_dir is not None:
         config.task.data_dir = data_dir
     return run_experiment(config, command, progress, resume=True)
-

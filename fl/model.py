@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import plora
+from fed_plora import plora
 
 from .data import TaskSpec
 from .strategies import Adapter, Factors
@@ -68,7 +68,13 @@ def load_model(name: str, task: TaskSpec, pad_id: int, seed: int, device: torch.
 
 
 def inject_plora(
-    model: nn.Module, rank: int, alpha: float, targets: list[str] | None, dropout: float, seed: int, extra: list[str] | None = None
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: list[str] | None,
+    dropout: float,
+    seed: int,
+    extra: list[str] | None = None,
 ) -> nn.Module:
     """PLoRA layers of global rank ``rank`` on ``targets`` (default by model type); the modules ``extra``
     (default: the classification head, if any) stay trainable, in fp32. Adapters are fp32 masters."""

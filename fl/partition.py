@@ -56,7 +56,9 @@ def by_category(categories: list[str], num_clients: int, rng: np.random.Generato
     return [sorted(s) for s in shards]
 
 
-def partition(examples: list[dict], scheme: str, num_clients: int, rng: np.random.Generator, alpha: float = 0.5) -> list[list[int]]:
+def partition(
+    examples: list[dict], scheme: str, num_clients: int, rng: np.random.Generator, alpha: float = 0.5
+) -> list[list[int]]:
     """Dispatch on ``scheme``: "iid", "dirichlet" (needs ``label``) or "category" (needs ``category``)."""
     if scheme == "iid":
         return iid(len(examples), num_clients, rng)
@@ -71,9 +73,7 @@ def partition(examples: list[dict], scheme: str, num_clients: int, rng: np.rando
     raise ValueError(f"unknown partition scheme {scheme!r}; choose iid, dirichlet or category")
 
 
-def assign_ranks(
-    scheme: str, num_clients: int, rng: np.random.Generator, choices: list[int], global_rank: int
-) -> list[int]:
+def assign_ranks(scheme: str, num_clients: int, rng: np.random.Generator, choices: list[int], global_rank: int) -> list[int]:
     """One rank budget per client, each in ``[1, global_rank]``.
 
     - "uniform": drawn uniformly from ``choices``;

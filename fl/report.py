@@ -92,7 +92,12 @@ def plot_curves(results: dict[str, list[dict]], metric: str, path: Path) -> Path
         ("aggregation noise", lambda rs: [(r["round"], r["agg_noise"]) for r in rs if r["agg_noise"] is not None]),
         (
             "cumulative MiB per client (down + up, bf16)",
-            lambda rs: list(zip([r["round"] for r in rs], np.cumsum([((r["bytes_down_bf16"] or 0) + (r["bytes_up_bf16"] or 0)) / MB for r in rs]))),
+            lambda rs: list(
+                zip(
+                    [r["round"] for r in rs],
+                    np.cumsum([((r["bytes_down_bf16"] or 0) + (r["bytes_up_bf16"] or 0)) / MB for r in rs]),
+                )
+            ),
         ),
         ("wall time per round (s)", lambda rs: [(r["round"], sum(v for k, v in r.items() if k.startswith("time_"))) for r in rs]),
     ]

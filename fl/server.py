@@ -62,7 +62,16 @@ class FederatedServer:
     records restored).
     """
 
-    def __init__(self, config: Config, method: str, fed, model: torch.nn.Module, tokenizer, autocast_dtype, resume: Checkpoint | None = None):
+    def __init__(
+        self,
+        config: Config,
+        method: str,
+        fed,
+        model: torch.nn.Module,
+        tokenizer,
+        autocast_dtype,
+        resume: Checkpoint | None = None,
+    ):
         self.config, self.method, self.fed = config, method, fed
         self.model, self.tokenizer, self.autocast_dtype = model, tokenizer, autocast_dtype
         self.device = next(model.parameters()).device

@@ -9,8 +9,8 @@ aggregates, evaluates and hands out a checkpoint.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -23,7 +23,9 @@ def validate_update(plan: ClientPlan, update: ClientUpdate, norm_bound: float | 
     squared = 0.0
     for name, start in plan.adapter.items():
         if not torch.equal(update.trained[name].cpu(), plan.trained[name].cpu()):
-            raise RejectedUpdate(f"layer {name}: trained modules {update.trained[name].tolist()}, planned {plan.trained[name].tolist()}")
+            raise RejectedUpdate(
+                f"layer {name}: trained modules {update.trained[name].tolist()}, planned {plan.trained[name].tolist()}"
+            )
         for part, before, after in zip("ab", start, update.adapter[name]):
             _same_layout(f"{name}.{part}", before, after)
             _finite(f"{name}.{part}", after)

@@ -7,7 +7,9 @@ import triton.language as tl
 @triton.jit
 def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: tl.constexpr):
     """Masked ``[len(offs_0), len(offs_1)]`` tile at ``ptr`` (zeros outside), in fp32 when ``UPCAST``."""
-    tile = tl.load(ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1, mask=mask_0[:, None] & mask_1[None, :], other=0.0)
+    tile = tl.load(
+        ptr + offs_0[:, None] * stride_0 + offs_1[None, :] * stride_1, mask=mask_0[:, None] & mask_1[None, :], other=0.0
+    )
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from kernels import fold_, fold_nf4_, unfold_
+from fed_plora.kernels import fold_, fold_nf4_, unfold_
 
 
 def linear4bit_class():

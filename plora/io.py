@@ -55,7 +55,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
             raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         if value.shape != expected[key]:
             raise ValueError(f"state[{key!r}] must have shape {tuple(expected[key])}, got {tuple(value.shape)}")
-    touched = {n: l for n, l in layers.items() if f"{n}.lora_a" in state or f"{n}.lora_b" in state}
+    touched = {n: layer for n, layer in layers.items() if f"{n}.lora_a" in state or f"{n}.lora_b" in state}
     folded = [n for n, layer in touched.items() if layer.indices("folded")]
     if folded:
         raise RuntimeError(f"cannot load module values while modules are folded into the base (e.g. {folded[0]}): unfold first")

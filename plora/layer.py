@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kernels import plora_linear, plora_linear_nf4
+from fed_plora.kernels import plora_linear, plora_linear_nf4
 
 from . import _base
 
@@ -256,6 +256,7 @@ class PLoRALinear(nn.Module):
         # FP4 (no kernel reads it): the dequantised weight is not kept for backward, it is rebuilt from
         # the packed codes there.
         weight = _base.dequantized_weight(self.base_layer, dtype)
+
         def pack(t: torch.Tensor):
             return (lambda: _base.dequantized_weight(self.base_layer, dtype)) if t is weight else t
 

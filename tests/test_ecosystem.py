@@ -1,23 +1,134 @@
-"""Our import package ``kernels`` shares its name with Hugging Face's; the ecosystem must not trip on it."""
+"""fed-plora beside the libraries it sits with: one distinctive import name (``fed_plora``), Hugging Face's
+``kernels`` importable and untouched, and transformers, bitsandbytes and PEFT working in the same environment."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+import tomllib
 import torch
+from helpers import DATA, REPO_ROOT, needs_data
 
-import kernels
-
-
-def test_kernels_import_is_this_project():
-    assert Path(kernels.__file__).resolve().parent == Path(__file__).resolve().parents[1] / "kernels"
-    assert not hasattr(kernels, "get_kernel")  # the Hugging Face API that transformers/bitsandbytes look for
+LIBRARY = {"kernels": "fed_plora.kernels", "plora": "fed_plora.plora", "fl": "fed_plora.fl"}
 
 
-def test_transformers_does_not_take_us_for_hf_kernels():
-    from transformers.utils import import_utils
+def test_every_folder_is_installed_under_fed_plora():
+    """pyproject.toml lists exactly the packages in the three folders, each under ``fed_plora``."""
+    with open(REPO_ROOT / "pyproject.toml", "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {name: folder for folder, name in LIBRARY.items()}
+    on_disk = {
+        ".".join((LIBRARY[folder], *init.parent.relative_to(REPO_ROOT / folder).parts))
+        for folder in LIBRARY
+        for init in (REPO_ROOT / folder).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == on_disk
+    installed = {
+        line.split(".")[0]
+        for line in (importlib.metadata.distribution("fed-plora").read_text("top_level.txt") or "fed_plora").split()
+    }
+    assert installed <= {"fed_plora"}
 
-    assert import_utils.is_kernels_available() is False
+
+def test_hugging_face_kernels_is_theirs_even_from_the_checkout_root():
+    """From the checkout's root (on sys.path as the working directory), ``import kernels`` still gives Hugging
+    Face's package, and transformers does not take our folder for it."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels is in the test extra")
+    code = (
+        "import kernels, fed_plora.kernels as ours\n"
+        "from transformers.utils import import_utils\n"
+        "import_utils.is_kernels_available()\n"
+        "assert hasattr(kernels, 'get_kernel'), kernels\n"
+        "assert ours.__name__ == 'fed_plora.kernels' and hasattr(ours, 'fold_')\n"
+        "print(kernels.__file__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).resolve().parent != REPO_ROOT / "kernels"
+
+
+def _console_command() -> str:
+    beside = Path(sys.executable).parent / "fed-plora"
+    found = str(beside) if beside.exists() else shutil.which("fed-plora")
+    if found is None:
+        pytest.fail("the fed-plora console command is not installed (pip install -e .)")
+    return found
+
+
+@needs_data
+def test_outside_the_checkout_command_transformers_bitsandbytes_and_hf_kernels(tiny_models, tmp_path):
+    """From a directory outside the repository, in one environment: a tiny experiment through the console
+    command, then in one process Hugging Face's kernels, a transformers model and a PLoRA layer over a
+    bitsandbytes 4-bit base."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels is in the test extra")
+    pytest.importorskip("bitsandbytes")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = [
+        _console_command(),
+        "run",
+        "--task",
+        "cola",
+        "--methods",
+        "fedplora,fedit",
+        "--model",
+        str(tiny_models / "bert"),
+        "--data-dir",
+        str(DATA),
+        "--rounds",
+        "1",
+        "--clients",
+        "2",
+        "--name",
+        "tiny",
+        "--out-dir",
+        str(work / "runs"),
+        "--no-progress",
+        "--set",
+        "task.max_train_examples=16",
+        "--set",
+        "task.max_eval_examples=8",
+        "--set",
+        "task.max_length=16",
+        "--set",
+        "train.local_steps=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "model.rank=4",
+        "--set",
+        "federation.fraction=1.0",
+        "--set",
+        "federation.rank_choices=[2, 4]",
+    ]
+    done = subprocess.run(run, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (work / "runs" / "tiny" / "metrics.jsonl").exists() and "fedplora" in done.stdout
+    code = f"""
+import kernels, torch, bitsandbytes as bnb
+from transformers import AutoModelForSequenceClassification
+from fed_plora import plora
+assert hasattr(kernels, "get_kernel"), kernels.__file__
+model = AutoModelForSequenceClassification.from_pretrained({str(tiny_models / "bert")!r})
+plora.inject(model, plora.PLoRAConfig(r=4, target_modules=["query", "value"]))
+assert len(plora.plora_layers(model)) == 2
+base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+base.load_state_dict(torch.nn.Linear(64, 32).state_dict())
+layer = plora.PLoRALinear(base.to("cpu"), 4, 0.5)
+assert layer(torch.randn(3, 64)).shape == (3, 32)
+print("ok", kernels.__file__)
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok") and str(REPO_ROOT) not in done.stdout
 
 
 def test_bitsandbytes_transformers_peft_run_a_4bit_model(tmp_path):

@@ -7,11 +7,11 @@ metric compares against), plus ``label`` (PubMedQA) or ``category`` (Dolly) for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from .sources import PUBMEDQA_DECISIONS
 from .metrics import final_number
+from .sources import PUBMEDQA_DECISIONS
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def encode_generation_train(examples: list[dict], tokenizer, max_length: int) ->
     for ex in examples:
         prompt = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
         target = (tokenizer(ex["target"], add_special_tokens=False)["input_ids"] + eos)[:max_length]
-        prompt = prompt[max(0, len(prompt) - (max_length - len(target))):]
+        prompt = prompt[max(0, len(prompt) - (max_length - len(target))) :]
         out.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
     return out
 

@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-import plora
+from fed_plora import plora
 
 from ..client import fit, fit_settings, fold_mode
 from ..config import Config
@@ -53,7 +53,14 @@ class ClientRuntime:
         """The backbone for ``method`` (a fresh one when the method changes)."""
         if method != self.method:
             self.model = None  # free the previous method's model first
-            model = load_model(self.config.model.name, self.fed.task, self.tokenizer.pad_token_id, self.config.run.seed, self.device, self.base_dtype)
+            model = load_model(
+                self.config.model.name,
+                self.fed.task,
+                self.tokenizer.pad_token_id,
+                self.config.run.seed,
+                self.device,
+                self.base_dtype,
+            )
             self.model, self.method = inject_configured(model, self.config), method
         return self.model
 
@@ -99,7 +106,9 @@ def train(message: Message, context: Context) -> Message:
     model = runtime.model_for(request.method)
     strategy = STRATEGIES[request.method]
     plan = request.plan(strategy, read_adapter(model)[0])
-    base_updates = node_base_updates(context.state, request.method, strategy.client_base_updates(plan.download, plan.init), plan.init)
+    base_updates = node_base_updates(
+        context.state, request.method, strategy.client_base_updates(plan.download, plan.init), plan.init
+    )
     features = runtime.fed.client_features(client)
     settings = fit_settings(config, request.rnd, client, len(features), runtime.tokenizer.pad_token_id, runtime.autocast_dtype)
     with merged_base(model, base_updates):
@@ -116,7 +125,9 @@ def node_base_updates(state: RecordDict, method: str, received: dict[int, Adapte
     held = sorted(int(key[len(prefix) :]) for key in state if key.startswith(prefix))
     expected = init.get("base_updates", len(held))
     if held != list(range(expected)):
-        raise RuntimeError(f"{method}: this node holds base updates {held}, the server has merged {expected}; was the node restarted mid-run?")
+        raise RuntimeError(
+            f"{method}: this node holds base updates {held}, the server has merged {expected}; was the node restarted mid-run?"
+        )
     updates = []
     for index in held:
         tensors = from_arrays(state[f"{prefix}{index}"])

@@ -1,4 +1,4 @@
-"""The Flower ``ServerApp``: ``python -m fl run`` with the clients on Flower SuperNodes.
+"""The Flower ``ServerApp``: ``fed-plora run`` with the clients on Flower SuperNodes.
 
 The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with
 ``flwr run --run-config``) holds the run's config fields as ``"section.key"`` keys, the way the TOML
@@ -13,7 +13,7 @@ in turn; the run directory (``run.out_dir``/``run.name`` on the SuperLink's mach
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -56,8 +56,13 @@ class FlowerStrategy(FlowerBaseStrategy):
 
     def summary(self) -> None:
         server = self.server
-        log.info("Fed-PLoRA %s over Flower: %d clients, fraction %.2f, rank %d", server.method, server.config.federation.clients,
-                 server.config.federation.fraction, server.config.model.rank)
+        log.info(
+            "Fed-PLoRA %s over Flower: %d clients, fraction %.2f, rank %d",
+            server.method,
+            server.config.federation.clients,
+            server.config.federation.fraction,
+            server.config.model.rank,
+        )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._discover(grid)
@@ -115,14 +120,20 @@ class FlowerStrategy(FlowerBaseStrategy):
             if not missing:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no node reported {PARTITION_KEY} {missing} within {self.node_timeout:.0f} s ({len(self.node_of)} of {clients} clients connected)")
+                connected = f"{len(self.node_of)} of {clients} clients connected"
+                raise TimeoutError(f"no node reported {PARTITION_KEY} {missing} within {self.node_timeout:.0f} s ({connected})")
             time.sleep(1.0)
 
     def _register(self, reply: Message, clients: int) -> None:
         node = reply.metadata.src_node_id
         self.asked.add(node)
         if reply.has_error() or "node" not in reply.content:
-            log.warning("node %d did not report its %s: %s", node, PARTITION_KEY, reply.error.reason if reply.has_error() else "no 'node' record")
+            log.warning(
+                "node %d did not report its %s: %s",
+                node,
+                PARTITION_KEY,
+                reply.error.reason if reply.has_error() else "no 'node' record",
+            )
             return
         partition = reply.content["node"][PARTITION_KEY]
         if not isinstance(partition, int) or not 0 <= partition < clients:

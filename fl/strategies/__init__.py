@@ -22,4 +22,4 @@ def build_strategy(name: str, adapter: Adapter, extra: dict, weighting: str = "d
     return cls(adapter, extra, weighting=weighting, seed=seed, **options)
 
 
-__all__ = ["Adapter", "ClientPlan", "ClientUpdate", "Factors", "RoundResult", "STRATEGIES", "Strategy", "build_strategy"]
+__all__ = ["STRATEGIES", "Adapter", "ClientPlan", "ClientUpdate", "Factors", "RoundResult", "Strategy", "build_strategy"]

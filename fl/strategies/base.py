@@ -139,7 +139,8 @@ class Strategy(ABC):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore ``state()`` (tensors are moved to the device of the current ones)."""
         self.adapter = {
-            n: Factors(tensors[f"adapter.{n}.a"].to(f.a.device), tensors[f"adapter.{n}.b"].to(f.b.device)) for n, f in self.adapter.items()
+            n: Factors(tensors[f"adapter.{n}.a"].to(f.a.device), tensors[f"adapter.{n}.b"].to(f.b.device))
+            for n, f in self.adapter.items()
         }
         self.extra = {n: tensors[f"extra.{n}"].to(t.device) for n, t in self.extra.items()}
 

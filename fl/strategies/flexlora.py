@@ -28,7 +28,11 @@ class FlexLoRA(Strategy):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         super().load_state(tensors, meta)
         device = next(iter(self.adapter.values())).a.device
-        self.full = {n: Factors(tensors[f"full.{n}.a"].to(device), tensors[f"full.{n}.b"].to(device)) for n in self.adapter} if meta["full"] else None
+        self.full = (
+            {n: Factors(tensors[f"full.{n}.a"].to(device), tensors[f"full.{n}.b"].to(device)) for n in self.adapter}
+            if meta["full"]
+            else None
+        )
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         return self.truncated_plan(client, rank)

@@ -29,7 +29,12 @@ class FLoRA(Strategy):
         tensors, meta = super().state()
         for t, stack in enumerate(self.stacks):
             tensors.update({f"stack{t}.{n}.{p}": v for n, f in stack.items() for p, v in zip("ab", f)})
-        meta = {**meta, "stacks": len(self.stacks), "last_round": {str(c): k for c, k in self.last_round.items()}, "fresh_round": self._fresh_round}
+        meta = {
+            **meta,
+            "stacks": len(self.stacks),
+            "last_round": {str(c): k for c, k in self.last_round.items()},
+            "fresh_round": self._fresh_round,
+        }
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:

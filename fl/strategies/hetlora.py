@@ -64,9 +64,12 @@ class HetLoRA(Strategy):
         for u in updates:
             r = len(next(iter(u.trained.values())))
             keep = max(1, math.floor(self.prune_gamma * r))
-            tail = sum(
-                float(torch.linalg.matrix_norm(f.b[:, keep:r].float() @ f.a[keep:r].float())) ** 2 for f in u.adapter.values()
-            ) ** 0.5
+            tail = (
+                sum(
+                    float(torch.linalg.matrix_norm(f.b[:, keep:r].float() @ f.a[keep:r].float())) ** 2 for f in u.adapter.values()
+                )
+                ** 0.5
+            )
             previous = self._tail_norm.get(u.client)
             if previous is not None and previous[0] == r and tail < previous[1] and keep < r:
                 self.pruned_rank[u.client] = keep

@@ -4,4 +4,4 @@ and torch reference (``naive.py``)."""
 from .naive import fold_reference
 from .op import fold_, unfold_
 
-__all__ = ["fold_", "unfold_", "fold_reference"]
+__all__ = ["fold_", "fold_reference", "unfold_"]

@@ -18,8 +18,6 @@ from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kerne
 from .._tl import round_to
 
 
-
-
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _fold_kernel(
     w_ptr, a_ptr, b_ptr, idx_ptr,
@@ -65,7 +63,9 @@ def _block_shape(n: int, k: int) -> tuple[int, int, int]:
     return 64, 128, 8
 
 
-def fold_launch(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, bucket: int, scale: float) -> None:
+def fold_launch(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, bucket: int, scale: float
+) -> None:
     """``weight += scale · lora_b[:, indices] @ lora_a[indices]`` in place (arguments already checked)."""
     n, k = weight.shape
     block_n, block_k, warps = _block_shape(n, k)

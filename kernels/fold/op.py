@@ -11,9 +11,7 @@ from ._triton import fold_launch
 from .naive import fold_reference
 
 
-def fold_(
-    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, scale: float
-) -> torch.Tensor:
+def fold_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
     """``W += scale · B[:, idx] A[idx, :]`` in place; returns ``weight``.
 
     Args:

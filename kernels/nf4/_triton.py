@@ -131,7 +131,9 @@ def _fold_kernel(
     offs_p = tl.arange(0, P)
     active = offs_p < r
     modules = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + modules[None, :] * stride_br, mask=mask_n[:, None] & active[None, :], other=0.0)
+    b = tl.load(
+        b_ptr + offs_n[:, None] * stride_bn + modules[None, :] * stride_br, mask=mask_n[:, None] & active[None, :], other=0.0
+    )
     a_ptrs = a_ptr + modules[:, None] * stride_ar + cols[None, :] * stride_ak
     a_mask = active[:, None] & (cols < K)[None, :]
     a_hi = tl.load(a_ptrs, mask=a_mask, other=0.0)

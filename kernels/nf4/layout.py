@@ -70,7 +70,9 @@ def as_nf4(weight, quant_state=None, *, name: str = "param") -> NF4Weight:
     if isinstance(weight, NF4Weight):
         return _validate(weight, name)
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a bitsandbytes Params4bit, a packed uint8 tensor or an NF4Weight, got {type(weight).__name__}")
+        raise TypeError(
+            f"{name} must be a bitsandbytes Params4bit, a packed uint8 tensor or an NF4Weight, got {type(weight).__name__}"
+        )
     state = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
     if state is None:
         raise ValueError(f"{name} has no quant_state: pass a quantised Params4bit (moved to its device) or quant_state=")
@@ -121,7 +123,9 @@ def _validate(nf4: NF4Weight, name: str) -> NF4Weight:
             raise ValueError(f"{name} nested blocksize must be one of {BLOCKSIZES[1:]}, got {nf4.blocksize2}")
         blocks2 = -(-nf4.blocks // nf4.blocksize2)
         if nf4.absmax2.dtype != torch.float32 or nf4.absmax2.numel() != blocks2:
-            raise ValueError(f"{name} nested absmax must be {blocks2} float32 values, got {nf4.absmax2.numel()} {nf4.absmax2.dtype}")
+            raise ValueError(
+                f"{name} nested absmax must be {blocks2} float32 values, got {nf4.absmax2.numel()} {nf4.absmax2.dtype}"
+            )
         if nf4.code2 is None or nf4.code2.dtype != torch.float32 or nf4.code2.numel() != 256:
             raise ValueError(f"{name} nested code must be 256 float32 values")
         if nf4.offset is None or nf4.offset.numel() != 1 or nf4.offset.dtype != torch.float32:

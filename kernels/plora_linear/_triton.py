@@ -30,7 +30,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-
 # --------------------------------------------------------------------------------------------------
 # shrink: t[M, P] = scale * X[M, K] @ G[idx, :]ᵀ  (padded columns p >= r are written as zeros)
 # --------------------------------------------------------------------------------------------------

@@ -30,7 +30,14 @@ BLOCK_K = 64
     configs=autotune_configs(
         [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3)]
+            for bm, bn, w, s in [
+                (16, 128, 4, 4),
+                (32, 128, 4, 4),
+                (64, 128, 4, 4),
+                (64, 64, 4, 4),
+                (128, 128, 8, 3),
+                (128, 256, 8, 3),
+            ]
         ],
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4}),
     ),
@@ -66,9 +73,13 @@ def _gemm_nf4_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-        byte = tl.load(packed_ptr + (row_start[:, None] + k0) // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=mask_n[:, None], other=0)
+        byte = tl.load(
+            packed_ptr + (row_start[:, None] + k0) // 2 + tl.arange(0, BLOCK_K // 2)[None, :], mask=mask_n[:, None], other=0
+        )
         byte = byte.to(tl.int32)
-        scale = block_absmax((row_start + k0) // BLOCKSIZE, mask_n, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, NESTED, BLOCKSIZE2)
+        scale = block_absmax(
+            (row_start + k0) // BLOCKSIZE, mask_n, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, NESTED, BLOCKSIZE2
+        )
         hi = round_to(tl.load(code_ptr + (byte >> 4)) * scale[:, None], W_DTYPE, W_UPCAST)
         lo = round_to(tl.load(code_ptr + (byte & 15)) * scale[:, None], W_DTYPE, W_UPCAST)
         w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))  # [BLOCK_N, BLOCK_K], values in column order

@@ -89,7 +89,9 @@ def _backward(linear_nf4_backward, ctx, dy, _):
     need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
     needs = [need_x, need_a, need_b]
     grads = (
-        linear_nf4_backward(dy, x, t, lora_a, lora_b, active, nf4_tensors, ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable, needs)
+        linear_nf4_backward(
+            dy, x, t, lora_a, lora_b, active, nf4_tensors, ctx.nf4_sizes, ctx.nf4_dtype, ctx.scale, ctx.trainable, needs
+        )
         if any(needs)
         else []
     )

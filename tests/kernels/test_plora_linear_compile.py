@@ -7,9 +7,9 @@ fp16 and fp32; the GEMM with slab and bias, and once without either.
 import pytest
 from aot_compile import SUPPORTED, compile_in_subprocess
 
-SCRIPT = r'''
+SCRIPT = r"""
 from aot_compile import build
-from kernels.plora_linear import _triton as k
+from fed_plora.kernels.plora_linear import _triton as k
 
 def options(config):
     return dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -29,7 +29,7 @@ for dtype, dot in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
         build(k._reduce_over_m_kernel, dict(x_ptr=act, t_ptr="*fp32", out_ptr="*fp32"),
               dict(P=64, UPCAST=False, DOT_PRECISION=dot, **config.kwargs), **options(config))
 print("compiled")
-'''
+"""
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="ahead-of-time API as of Triton 3.9")

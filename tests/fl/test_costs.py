@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fl.costs import aggregation_noise, fold_flops, initialisation_noise, payload_bytes, svd_flops, training_flops
+from fed_plora.fl.costs import aggregation_noise, fold_flops, initialisation_noise, payload_bytes, svd_flops, training_flops
 
 
 def test_payload_bytes_count_the_tensors_sent():

@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from helpers import needs_data, tiny_config
 
-from fl.experiment import build_federation
-from fl.model import load_model, load_tokenizer
-from fl.simulator import simulate
-from fl.strategies import ClientPlan, ClientUpdate, Factors
-from fl.validate import RejectedUpdate, validate_update
-from test_fl_simulation import DATA, tiny_config, tiny_models  # noqa: F401  (fixture)
+from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.model import load_model, load_tokenizer
+from fed_plora.fl.simulator import simulate
+from fed_plora.fl.strategies import ClientPlan, ClientUpdate, Factors
+from fed_plora.fl.validate import RejectedUpdate, validate_update
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+pytestmark = needs_data
 
 
 def _plan_and_update():
@@ -48,11 +48,17 @@ def _poke(t, index, value):
     [
         (lambda u: _with(u, a=_poke(u.adapter["q"].a, (1, 2), float("nan"))), r"q\.a: non-finite values \(NaN\)"),
         (lambda u: _with(u, b=_poke(u.adapter["q"].b, (0, 3), float("inf"))), r"q\.b: non-finite values \(Inf\)"),
-        (lambda u: _with(u, extra={"head.weight": torch.full((2, 5), float("-inf"))}), r"extra head\.weight: non-finite values \(Inf\)"),
+        (
+            lambda u: _with(u, extra={"head.weight": torch.full((2, 5), float("-inf"))}),
+            r"extra head\.weight: non-finite values \(Inf\)",
+        ),
         (lambda u: _with(u, a=u.adapter["q"].a[:, :5]), r"q\.a: got \(4, 5\) torch\.float32, expected \(4, 6\)"),
         (lambda u: _with(u, b=u.adapter["q"].b.double()), r"q\.b: got \(5, 4\) torch\.float64"),
         (lambda u: _with(u, adapter={**u.adapter, "k": u.adapter["q"]}), r"layers: unexpected \['k'\]"),
-        (lambda u: _with(u, extra={**u.extra, "pooler.weight": torch.zeros(3)}), r"extra tensors: unexpected \['pooler\.weight'\]"),
+        (
+            lambda u: _with(u, extra={**u.extra, "pooler.weight": torch.zeros(3)}),
+            r"extra tensors: unexpected \['pooler\.weight'\]",
+        ),
         (lambda u: _with(u, adapter={}), r"layers: unexpected \[\], missing \['q'\]"),
         (lambda u: _with(u, a=_poke(u.adapter["q"].a, (0, 0), 9.0)), r"layer q: modules outside the planned set changed"),
         (lambda u: _with(u, b=u.adapter["q"].b.index_fill(1, torch.tensor([1]), 1e6)), r"update norm .* exceeds the bound 1000"),
@@ -78,7 +84,7 @@ class FaultyClients:
     """Wraps ``fit``: the ``i``-th call (in round and client order) suffers ``faults[i]``, if any."""
 
     def __init__(self, faults):
-        from fl.client import fit
+        from fed_plora.fl.client import fit
 
         self.fit, self.faults, self.calls = fit, faults, 0
 
@@ -114,23 +120,32 @@ def _run(tiny_models, tmp_path, method, faults, rounds, *overrides):
     fed = build_federation(config, tokenizer)
     model = load_model(config.model.name, fed.task, tokenizer.pad_token_id, 0, torch.device("cpu"), torch.float32)
     checkpoints = []
-    records = simulate(config, method, fed, model, tokenizer, None, on_checkpoint=checkpoints.append, client_fit=FaultyClients(faults))
+    records = simulate(
+        config, method, fed, model, tokenizer, None, on_checkpoint=checkpoints.append, client_fit=FaultyClients(faults)
+    )
     return records, checkpoints
 
 
 def test_planted_faults_are_logged_and_rounds_complete(tiny_models, tmp_path, caplog):
     faults = {0: "raise", 1: "nan", 3: "inf", 4: "shape", 5: "extra", 8: "huge"}
-    with caplog.at_level(logging.WARNING, logger="fl.server"):
+    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.server"):
         records, checkpoints = _run(tiny_models, tmp_path, "fedplora", faults, 3)
     assert [r["round"] for r in records] == [1, 2, 3] and all("eval_matthews" in r for r in records)
     logged = [(f["client"], f["stage"], f["reason"]) for r in records for f in r["faults"]]
-    assert [entry[:2] for entry in logged] == [(0, "fit"), (1, "validate"), (0, "validate"), (1, "validate"), (2, "validate"), (2, "validate")]
+    assert [entry[:2] for entry in logged] == [
+        (0, "fit"),
+        (1, "validate"),
+        (0, "validate"),
+        (1, "validate"),
+        (2, "validate"),
+        (2, "validate"),
+    ]
     reasons = [entry[2] for entry in logged]
     assert reasons[0] == "RuntimeError: CUDA out of memory (planted)"
     assert "non-finite values (NaN)" in reasons[1] and "non-finite values (Inf)" in reasons[2]
     assert "got (4, 31)" in reasons[3] and "unexpected ['bert.pooler.dense.weight']" in reasons[4]
     assert "exceeds the bound" in reasons[5]
-    ours = [r.getMessage() for r in caplog.records if r.name == "fl.server"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "fed_plora.fl.server"]
     assert len(ours) == 6 and ours[0] == "fedplora round 1: client 0 dropped: RuntimeError: CUDA out of memory (planted)"
     # Round 1 aggregates client 2 alone; round 2 has no valid update: the global state stays as it was.
     assert len(records[0]["ranks"]) == 1 and math.isfinite(records[0]["train_loss"])

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import needs_data, tiny_config
 
-from fl.experiment import build_federation
-from fl.model import load_model, load_tokenizer
-from fl.simulator import simulate
-from test_fl_simulation import DATA, tiny_config, tiny_models  # noqa: F401  (fixture)
+from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.model import load_model, load_tokenizer
+from fed_plora.fl.simulator import simulate
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+pytestmark = needs_data
 
 ROUNDS = 20
 MiB = 2**20
@@ -57,8 +57,10 @@ def test_memory_flat_over_20_rounds(tiny_models, tmp_path, method):
     simulate(config, method, fed, model, tokenizer, None, measure, on_checkpoint=lambda c: last.update(checkpoint=c))
     tensors, rss, peak = zip(*rows)
     sampled = [r for r, t in enumerate(tensors) if t is not None]
-    print(f"\n{method}: live tensors {tensors[1] / MiB:.3f} -> {tensors[-1] / MiB:.3f} MiB, "
-          f"RSS {rss[1] / MiB:.1f} -> {rss[-1] / MiB:.1f} MiB, peak RSS {peak[1] / MiB:.1f} -> {peak[-1] / MiB:.1f} MiB")
+    print(
+        f"\n{method}: live tensors {tensors[1] / MiB:.3f} -> {tensors[-1] / MiB:.3f} MiB, "
+        f"RSS {rss[1] / MiB:.1f} -> {rss[-1] / MiB:.1f} MiB, peak RSS {peak[1] / MiB:.1f} -> {peak[-1] / MiB:.1f} MiB"
+    )
     if method == "flora":
         # FLoRA keeps every merged stack (clients that come back download what they missed): growth by
         # design, exactly the stacks' bytes, which are set aside; nothing else grows.

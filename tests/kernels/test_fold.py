@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import fold_, unfold_
-from kernels.fold import fold_reference
+from fed_plora.kernels import fold_, unfold_
+from fed_plora.kernels.fold import fold_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -123,12 +123,12 @@ def test_fold_allocates_nothing_on_gpu():
 
 
 def test_cpu_without_triton_takes_the_torch_path(monkeypatch):
-    import kernels.fold.op
+    from fed_plora.kernels.fold import op as fold_op
 
     weight, lora_a, lora_b = _adapter(40, 72, 5, torch.bfloat16, "cpu", seed=5)
     indices = torch.tensor([4, 1], device="cpu")
     expected = fold_reference(weight, lora_a, lora_b, indices, 0.5)
-    monkeypatch.setattr(kernels.fold.op, "INTERPRET", False)
+    monkeypatch.setattr(fold_op, "INTERPRET", False)
     version = weight._version
     fold_(weight, lora_a, lora_b, indices, 0.5)
     assert torch.equal(weight, expected) and weight._version > version

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import MODELS, randomize_adapters, tiny_model, token_batch
 
-import plora
-from plora_models import MODELS, randomize_adapters, tiny_model, token_batch
+from fed_plora import plora
 
 
 def _logits(model, ids):
@@ -65,7 +65,9 @@ def test_training_step_changes_only_selected_modules():
     assert all(model.get_parameter(n).grad is None for n in frozen)
     optimizer.step()
     assert set(optimizer.state) == set(params)
-    assert sum(p.numel() for p in params) == sum(2 * (l.in_features + l.out_features) for l in plora.plora_layers(model).values())
+    assert sum(p.numel() for p in params) == sum(
+        2 * (layer.in_features + layer.out_features) for layer in plora.plora_layers(model).values()
+    )
     after = plora.adapter_state_dict(model)
     rest = [j for j in range(8) if j not in selected]
     for key, value in after.items():

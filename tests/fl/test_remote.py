@@ -5,8 +5,8 @@ update it came from; a malformed upload is rejected with a reason."""
 import pytest
 import torch
 
-from fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
-from fl.validate import RejectedUpdate, update_from_upload, validate_update
+from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
+from fed_plora.fl.validate import RejectedUpdate, update_from_upload, validate_update
 
 R, K, N = 4, 5, 3
 LAYERS = ("l0", "l1")
@@ -61,7 +61,9 @@ def test_remote_client_rebuilds_every_plan_and_upload_exactly(method):
             validate_update(plan, back, None)
             for name, (a, b) in update.adapter.items():
                 assert torch.equal(back.adapter[name].a, a) and torch.equal(back.adapter[name].b, b)
-            assert all(torch.equal(back.extra[n], t) for n, t in update.extra.items()) and back.num_examples == update.num_examples
+            assert (
+                all(torch.equal(back.extra[n], t) for n, t in update.extra.items()) and back.num_examples == update.num_examples
+            )
             updates.append(back)
         strategy.aggregate(rnd, updates)
 

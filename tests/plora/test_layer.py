@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import plora
-from kernels import plora_linear_reference
+from fed_plora import plora
+from fed_plora.kernels import plora_linear_reference
 
 
 def _layer(n=48, k=40, r=6, dtype=torch.float32, bias=True, seed=0, **kwargs):
@@ -195,16 +195,16 @@ def _linear4bit(quant_type, n=32, k=64, seed=0):
 
 
 def _spy_nf4_op(monkeypatch):
-    import plora.layer
+    from fed_plora.plora import layer
 
     calls = []
-    op = plora.layer.plora_linear_nf4
+    op = layer.plora_linear_nf4
 
     def spy(x, param, lora_a, lora_b, active, scale, bias=None, **kwargs):
         calls.append((active.tolist(), kwargs.get("trainable")))
         return op(x, param, lora_a, lora_b, active, scale, bias, **kwargs)
 
-    monkeypatch.setattr(plora.layer, "plora_linear_nf4", spy)
+    monkeypatch.setattr(layer, "plora_linear_nf4", spy)
     return calls
 
 

@@ -6,8 +6,8 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 
-from kernels import dequantize_nf4, fold_, fold_nf4_, quantize_nf4, unfold_nf4_  # noqa: E402
-from kernels.nf4 import as_nf4, dequantize_nf4_reference, fold_nf4_reference, quantize_nf4_reference  # noqa: E402
+from fed_plora.kernels import dequantize_nf4, fold_, fold_nf4_, quantize_nf4, unfold_nf4_  # noqa: E402
+from fed_plora.kernels.nf4 import as_nf4, dequantize_nf4_reference, fold_nf4_reference, quantize_nf4_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -19,7 +19,9 @@ def codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def params4bit(weight: torch.Tensor, blocksize: int, nested: bool):
-    param = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=blocksize, compress_statistics=nested)
+    param = bnb.nn.Params4bit(
+        weight.cpu(), requires_grad=False, quant_type="nf4", blocksize=blocksize, compress_statistics=nested
+    )
     return param.to(weight.device)
 
 
@@ -109,7 +111,9 @@ def test_fold_nf4_matches_bitsandbytes_requantisation(device, dtype, nested, k):
     index = indices.long()
     dense = dequantize_nf4_reference(as_nf4(param)).cpu().double()
     folded = (dense + 1.5 * lora_b[:, index].cpu().double() @ lora_a[index].cpu().double()).to(dtype)
-    assert torch.equal(F.quantize_4bit(folded, blocksize=64, compress_statistics=nested, quant_type="nf4")[0], expected.packed.cpu())
+    assert torch.equal(
+        F.quantize_4bit(folded, blocksize=64, compress_statistics=nested, quant_type="nf4")[0], expected.packed.cpu()
+    )
     data_ptr = param.data.data_ptr()
     assert fold_nf4_(param, lora_a, lora_b, indices, 1.5) is param
     assert param.data.data_ptr() == data_ptr  # in place
@@ -185,16 +189,16 @@ def test_fold_nf4_on_gpu_allocates_only_the_block_maxima():
 
 def test_cpu_without_triton_takes_the_torch_path(monkeypatch):
     """CPU tensors with no interpreter (Triton cannot launch there) give the kernels' results."""
-    import kernels.fold.op
-    import kernels.nf4.op
+    from fed_plora.kernels.fold import op as fold_op
+    from fed_plora.kernels.nf4 import op as nf4_op
 
     param, lora_a, lora_b = _fold_case(torch.device("cpu"), torch.bfloat16, 256, True, seed=4)
     twin, _, _ = _fold_case(torch.device("cpu"), torch.bfloat16, 256, True, seed=4)
     indices = torch.tensor([2, 7], device="cpu")
     fold_nf4_(param, lora_a, lora_b, indices, 2.0)
     quantised = quantize_nf4(dequantize_nf4(param), 64, param.quant_state.state2.code)
-    monkeypatch.setattr(kernels.nf4.op, "INTERPRET", False)
-    monkeypatch.setattr(kernels.fold.op, "INTERPRET", False)
+    monkeypatch.setattr(nf4_op, "INTERPRET", False)
+    monkeypatch.setattr(fold_op, "INTERPRET", False)
     fold_nf4_(twin, lora_a, lora_b, indices, 2.0)
     assert (codes(twin.data) != codes(param.data)).double().mean() < 1e-3
     torch.testing.assert_close(twin.quant_state.state2.absmax, param.quant_state.state2.absmax, rtol=8e-3, atol=0)

@@ -8,48 +8,23 @@
 """
 
 import json
-import tomllib
-from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install -e '.[flower]')")
 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
+from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 
-from fl.checkpoint import load_checkpoint  # noqa: E402
-from fl.config import load_config  # noqa: E402
-from fl.experiment import run_experiment  # noqa: E402
-from fl.flower.client_app import app as client_app  # noqa: E402
-from fl.flower.server_app import TIMEOUTS, config_from_run_config, run_on_flower  # noqa: E402
-from fl.flower.wire import from_arrays, to_arrays  # noqa: E402
-from fl.storage import read_jsonl  # noqa: E402
-from fl.strategies import STRATEGIES  # noqa: E402
-from test_fl_simulation import DATA, stable, tiny_config, tiny_models  # noqa: E402,F401  (fixture)
-
-ROOT = Path(__file__).resolve().parents[1]
-FLOWER_KEYS = ("bytes_down_flower", "bytes_up_flower")
-
-
-def same_run(flower_dir: Path, local_dir: Path, methods) -> None:
-    """Every method's final global state and every logged number (times and memory aside) are equal."""
-    for method in methods:
-        ours, theirs = load_checkpoint(local_dir / "checkpoints", method), load_checkpoint(flower_dir / "checkpoints", method)
-        assert ours.tensors.keys() == theirs.tensors.keys()
-        for key, tensor in ours.tensors.items():
-            assert torch.equal(tensor, theirs.tensors[key]), (method, key)
-    flower_records = read_jsonl(flower_dir / "metrics.jsonl")
-    without_wire = [{k: v for k, v in r.items() if k not in FLOWER_KEYS} for r in flower_records]
-    assert stable(without_wire) == stable(read_jsonl(local_dir / "metrics.jsonl"))
-
-
-def simulated(config, name):
-    config.run.name = name
-    with torch.random.fork_rng():
-        directory, _ = run_experiment(config, progress=False)
-    return directory
+from fed_plora.fl.config import load_config  # noqa: E402
+from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
+from fed_plora.fl.flower.server_app import TIMEOUTS, config_from_run_config, run_on_flower  # noqa: E402
+from fed_plora.fl.flower.wire import from_arrays, to_arrays  # noqa: E402
+from fed_plora.fl.storage import read_jsonl  # noqa: E402
+from fed_plora.fl.strategies import STRATEGIES  # noqa: E402
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
@@ -96,7 +71,8 @@ class LocalGrid:
 
     def __init__(self, clients: int, faults: dict | None = None):
         self.contexts = {
-            7000 + c: Context(run_id=1, node_id=7000 + c, node_config={"partition-id": c}, state=RecordDict(), run_config={}) for c in range(clients)
+            7000 + c: Context(run_id=1, node_id=7000 + c, node_config={"partition-id": c}, state=RecordDict(), run_config={})
+            for c in range(clients)
         }
         self.faults = faults or {}
 
@@ -133,7 +109,9 @@ def test_wire_faults_drop_the_client_and_the_run_goes_on(tiny_models, tmp_path, 
     records = read_jsonl(tmp_path / "faulty" / "metrics.jsonl")
     for method in ("fedplora", "flora"):
         first, second, third = [r for r in records if r["method"] == method]
-        assert [f["stage"] for f in first["faults"]] == ["fit"] and "node ran out of memory (planted)" in first["faults"][0]["reason"]
+        assert [f["stage"] for f in first["faults"]] == ["fit"] and "node ran out of memory (planted)" in first["faults"][0][
+            "reason"
+        ]
         assert first["faults"][0]["client"] == first["clients"][0] and len(first["ranks"]) == 1
         malformed, silent = second["faults"]
         assert malformed["stage"] == "validate" and "got (" in malformed["reason"] and "expected (" in malformed["reason"]
@@ -158,13 +136,16 @@ def test_a_node_without_partition_id_is_named(server_identity):
 
 
 def test_flower_app_run_config_is_the_main_config():
-    with open(ROOT / "flower_app" / "pyproject.toml", "rb") as f:
+    with open(REPO_ROOT / "flower_app" / "pyproject.toml", "rb") as f:
         app = tomllib.load(f)["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fl.flower.server_app:app", "clientapp": "fl.flower.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "fed_plora.fl.flower.server_app:app",
+        "clientapp": "fed_plora.fl.flower.client_app:app",
+    }
     run_config = dict(app["config"])
     assert {k: run_config.pop(k) for k in TIMEOUTS} == TIMEOUTS
     flower = config_from_run_config(run_config).to_dict()
-    main = load_config(ROOT / "configs" / "cola_minilm.toml").to_dict()
+    main = load_config(REPO_ROOT / "configs" / "cola_minilm.toml").to_dict()
     flower["run"]["name"] = main["run"]["name"]
     assert flower == main
     listed = {f"{section}.{key}" for section, table in main.items() for key in table}

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fl.strategies import ClientUpdate, Factors, build_strategy
-from fl.strategies.fedplora import select_modules, selection_seed
+from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
+from fed_plora.fl.strategies.fedplora import select_modules, selection_seed
 
 R, K, N = 4, 3, 2
 
@@ -19,7 +19,9 @@ HEAD = {"head.weight": torch.zeros(2, 2)}
 
 
 def update(client, size, a, b, trained, head_value=0.0):
-    return ClientUpdate(client, size, {"layer": Factors(a, b)}, {"layer": torch.tensor(trained)}, {"head.weight": torch.full((2, 2), head_value)})
+    return ClientUpdate(
+        client, size, {"layer": Factors(a, b)}, {"layer": torch.tensor(trained)}, {"head.weight": torch.full((2, 2), head_value)}
+    )
 
 
 def filled(value_a, value_b, modules=range(R)):
@@ -145,7 +147,9 @@ def test_flexlora_svd_of_the_weighted_products():
     assert not s.adapter["layer"].a[N:].any() and not s.adapter["layer"].b[:, N:].any()
     u, sv, vh = torch.linalg.svd(ideal)
     plan = s.configure_client(1, 0, 1)  # rank 1: the top singular component
-    torch.testing.assert_close(plan.adapter["layer"].b @ plan.adapter["layer"].a, sv[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        plan.adapter["layer"].b @ plan.adapter["layer"].a, sv[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-5
+    )
     full = s.configure_client(1, 1, R)  # rank ≥ rank(ΔW) = 2 here: exact
     torch.testing.assert_close(full.adapter["layer"].b @ full.adapter["layer"].a, ideal, atol=1e-5, rtol=1e-5)
 

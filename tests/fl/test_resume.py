@@ -10,45 +10,41 @@ import time
 
 import pytest
 import torch
+from helpers import DATA, needs_data, stable
 from safetensors.torch import load_file
 
-from fl.checkpoint import capture_rng, restore_rng
-from fl.storage import append_jsonl, read_jsonl
-from fl.strategies import STRATEGIES, ClientUpdate, build_strategy, Factors
-from test_fl_simulation import DATA, tiny_models  # noqa: F401  (fixture)
+from fed_plora.fl.checkpoint import capture_rng, restore_rng
+from fed_plora.fl.storage import append_jsonl, read_jsonl
+from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+pytestmark = needs_data
 
-VOLATILE = ("time_", "peak_memory")
-
-#: Runs ``python -m fl`` in one thread; the ``stop_at``-th local training (0-based) signals, then hangs.
+#: Runs the ``fed-plora`` command in one thread; the ``stop_at``-th local training (0-based) signals, then hangs.
 DRIVER = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-import fl.client
-from fl.cli import main
+from fed_plora.fl import client
+from fed_plora.fl.cli import main
 stop_at, marker = int(sys.argv[1]), sys.argv[2]
-train, calls = fl.client.train_local, [0]
+train, calls = client.train_local, [0]
 def train_local(*args, **kwargs):
     if calls[0] == stop_at:
         open(marker, "w").close()
         time.sleep(600)
     calls[0] += 1
     return train(*args, **kwargs)
-fl.client.train_local = train_local
+client.train_local = train_local
 sys.exit(main(sys.argv[3:]))
 """
 
 
 def _fl(tmp_path, args, stop_at=-1):
     marker = tmp_path / f"stopped-{stop_at}"
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(stop_at), str(marker), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(stop_at), str(marker), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     return proc, marker
-
-
-def _stable(records):
-    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_path):
@@ -82,10 +78,13 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
         assert proc.returncode == 0, out
     ours, theirs = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("killed", "straight"))
     assert len(ours) == len(STRATEGIES) * 3
-    assert _stable(ours) == _stable(theirs)
+    assert stable(ours) == stable(theirs)
     assert (run / "metrics.jsonl").read_text().endswith("}\n")
     for method in STRATEGIES:
-        files = [json.loads((tmp_path / name / "checkpoints" / f"{method}.json").read_text())["tensors"] for name in ("killed", "straight")]
+        files = [
+            json.loads((tmp_path / name / "checkpoints" / f"{method}.json").read_text())["tensors"]
+            for name in ("killed", "straight")
+        ]
         a, b = (load_file(tmp_path / name / "checkpoints" / f) for name, f in zip(("killed", "straight"), files))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
         assert sorted(p.name for p in (run / "checkpoints").glob(f"{method}.round*")) == [f"{method}.round3.safetensors"]

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOLERANCE, rel_error
 
-from kernels import plora_linear, plora_linear_reference
+from fed_plora.kernels import plora_linear, plora_linear_reference
 
-# Relative Frobenius error allowed against the float64 reference, per dtype.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = list(TOLERANCE)
-
-
-def rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    assert torch.isfinite(value).all(), "non-finite values"
-    denom = reference.norm().clamp_min(1e-30)
-    return ((value.double() - reference).norm() / denom).item()
 
 
 def make_operands(m, k, n, rank, dtype, device, generator, bias=True):
@@ -40,9 +33,7 @@ def check_against_reference(ops, active, scale, dtype, grad_weight=False, grad_b
     if grad_bias and bias is not None:
         leaves["bias"] = bias
     fast_in = {name: t.detach().clone().requires_grad_(name in leaves) if t is not None else None for name, t in ops.items()}
-    ref_in = {
-        name: t.detach().double().requires_grad_(name in leaves) if t is not None else None for name, t in ops.items()
-    }
+    ref_in = {name: t.detach().double().requires_grad_(name in leaves) if t is not None else None for name, t in ops.items()}
     y = plora_linear(fast_in["x"], fast_in["weight"], fast_in["lora_a"], fast_in["lora_b"], active, scale, fast_in["bias"])
     y_ref = plora_linear_reference(
         ref_in["x"], ref_in["weight"], ref_in["lora_a"], ref_in["lora_b"], active, scale, ref_in["bias"]
@@ -81,7 +72,7 @@ def active_set(kind: str, rank: int, generator, device) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["empty", "one", "some", "all"])
 def test_matches_reference_for_active_sets(dtype, kind, device):
-    gen = torch.Generator().manual_seed(hash((str(dtype), kind)) % 2**31)
+    gen = torch.Generator().manual_seed(DTYPES.index(dtype) * 10 + ["empty", "one", "some", "all"].index(kind))
     ops = make_operands(37, 50, 70, 8, dtype, device, gen)
     check_against_reference(ops, active_set(kind, 8, gen, device), 0.5, dtype)
 

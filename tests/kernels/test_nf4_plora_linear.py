@@ -5,9 +5,9 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from kernels import plora_linear_nf4, quantize_nf4  # noqa: E402
-from kernels.nf4 import dequantize_nf4_reference  # noqa: E402
-from kernels.plora_linear import plora_linear_reference  # noqa: E402
+from fed_plora.kernels import plora_linear_nf4, quantize_nf4  # noqa: E402
+from fed_plora.kernels.nf4 import dequantize_nf4_reference  # noqa: E402
+from fed_plora.kernels.plora_linear import plora_linear_reference  # noqa: E402
 
 TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

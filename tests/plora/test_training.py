@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import MODELS, randomize_adapters, tiny_model, token_batch
 from torch import nn
 
-import plora
-from plora_models import MODELS, randomize_adapters, tiny_model, token_batch
+from fed_plora import plora
 
 
 def _dataset(n=4):

@@ -9,10 +9,11 @@ import sys
 
 import pytest
 import torch
+from helpers import LaunchRecorder
 
-from kernels import plora_linear, plora_linear_reference
+from fed_plora.kernels import plora_linear, plora_linear_reference
 
-triton_launchers = importlib.import_module("kernels.plora_linear._triton")
+triton_launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
 
 
 def operands(device, dtype=torch.float32, m=6, k=12, n=10, rank=4):
@@ -97,36 +98,12 @@ def test_in_place_change_of_index_tensor_is_revalidated(device):
         plora_linear(**ops)
 
 
-class _LaunchRecorder:
-    """Wraps a Triton kernel and records, per launch, what Triton specialises a compile on."""
-
-    def __init__(self, kernel, log):
-        self.kernel, self.log = kernel, log
-        self.arg_names = kernel.fn.arg_names
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            key = []
-            for name, value in zip(self.arg_names, args):
-                if name in triton_launchers.ACTIVE_SET_ARGS:
-                    continue  # declared do_not_specialize
-                if isinstance(value, torch.Tensor):
-                    key.append((name, value.dtype, value.data_ptr() % 16 == 0))
-                elif isinstance(value, bool) or not isinstance(value, int):
-                    key.append((name, type(value).__name__))
-                else:
-                    key.append((name, value == 1, value % 16 == 0))
-            key.extend(sorted(kwargs.items()))
-            self.log.append((self.kernel.fn.__name__, tuple(key)))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 def test_changing_active_set_within_a_bucket_compiles_nothing_new(monkeypatch, device):
     log: list = []
     for name in ("_shrink_kernel", "_gemm_with_slab_kernel", "_reduce_over_m_kernel"):
-        monkeypatch.setattr(triton_launchers, name, _LaunchRecorder(getattr(triton_launchers, name), log))
+        monkeypatch.setattr(
+            triton_launchers, name, LaunchRecorder(getattr(triton_launchers, name), log, triton_launchers.ACTIVE_SET_ARGS)
+        )
     gen = torch.Generator().manual_seed(1)
     rank = 40
     ops = operands(device, m=20, k=24, n=18, rank=rank)
@@ -149,7 +126,7 @@ def test_changing_active_set_within_a_bucket_compiles_nothing_new(monkeypatch, d
 def test_cpu_tensors_without_interpreter_use_torch_path():
     code = (
         "import torch\n"
-        "from kernels import plora_linear, plora_linear_reference\n"
+        "from fed_plora.kernels import plora_linear, plora_linear_reference\n"
         "g = torch.Generator().manual_seed(0)\n"
         "x, w = torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g)\n"
         "a, b = torch.randn(3, 8, generator=g), torch.randn(6, 3, generator=g)\n"

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import randomize_adapters, tiny_model, token_batch
 
-import plora
-from plora_models import randomize_adapters, tiny_model, token_batch
+from fed_plora import plora
 
 
 def _model(seed=0, extra=("classifier",)):

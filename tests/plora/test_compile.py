@@ -8,19 +8,18 @@ import importlib
 
 import pytest
 import torch
+from helpers import LaunchRecorder, randomize_adapters, rel_error, tiny_model, token_batch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.profiler import ProfilerActivity, profile
-from test_plora_linear_contract import _LaunchRecorder
 
-import plora
-from kernels import plora_linear, plora_linear_nf4, quantize_nf4
-from plora_models import randomize_adapters, tiny_model, token_batch
+from fed_plora import plora
+from fed_plora.kernels import plora_linear, plora_linear_nf4, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
-checks = importlib.import_module("kernels._checks")
-launchers = importlib.import_module("kernels.plora_linear._triton")
-nf4_op = importlib.import_module("kernels.plora_linear_nf4.op")
+checks = importlib.import_module("fed_plora.kernels._checks")
+launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
+nf4_op = importlib.import_module("fed_plora.kernels.plora_linear_nf4.op")
 
 # Relative Frobenius error allowed between a compiled model and eager. Our op gives identical values on
 # identical operands; inductor fuses the code around it and skips intermediate bf16 roundings (measured on
@@ -33,10 +32,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def rel_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((value.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30)).item()
 
 
 def operands(device, dtype=torch.float32, m=5, k=64, n=24, rank=40):
@@ -52,7 +47,9 @@ def test_custom_ops_pass_opcheck(device):
     """Schema, fake implementations (shapes, dtypes, devices), autograd registration, AOT dispatch with dynamic shapes."""
     x, weight, lora_a, lora_b, bias = operands(device, rank=4)
     active = torch.tensor([2, 0], device=device)
-    torch.library.opcheck(torch.ops.plora.linear.default, (x.requires_grad_(), weight, lora_a.requires_grad_(), lora_b, active, 0.5, bias))
+    torch.library.opcheck(
+        torch.ops.plora.linear.default, (x.requires_grad_(), weight, lora_a.requires_grad_(), lora_b, active, 0.5, bias)
+    )
     y, t = torch.ops.plora.linear(x, weight, lora_a, lora_b, active, 0.5, bias)
     assert not t.requires_grad
     dy = torch.randn_like(y)
@@ -65,7 +62,9 @@ def test_custom_ops_pass_opcheck(device):
     for fused in (True, False):
         torch.library.opcheck(torch.ops.plora.linear_nf4.default, (x, lora_a, lora_b, bias, *flat, active, 0.5, fused, 1))
     _, t = torch.ops.plora.linear_nf4(*plain, bias, *flat, active, 0.5, True, 1)
-    torch.library.opcheck(torch.ops.plora.linear_nf4_backward.default, (dy, plain[0], t, *plain[1:], active, *flat, 0.5, 1, [True, True, True]))
+    torch.library.opcheck(
+        torch.ops.plora.linear_nf4_backward.default, (dy, plain[0], t, *plain[1:], active, *flat, 0.5, 1, [True, True, True])
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -102,7 +101,7 @@ def two_paths(case: str, device):
     active = torch.tensor([7, 1, 30], device=device)
     if kind == "float":
         weight.requires_grad_()  # dW too: plain torch in the autograd formula both paths share
-        return leaves + [weight], (
+        return [*leaves, weight], (
             lambda: plora_linear(x, weight, lora_a, lora_b, active, 0.5, bias),
             lambda: torch.ops.plora.linear(x, weight, lora_a, lora_b, active, 0.5, bias)[0],
         )
@@ -157,7 +156,7 @@ def test_eager_calls_skip_the_custom_op_and_compiled_calls_run_it(kind, op, devi
 def test_active_set_within_a_bucket_recompiles_neither_dynamo_nor_triton(monkeypatch, device):
     log: list = []
     for name in ("_shrink_kernel", "_gemm_with_slab_kernel", "_reduce_over_m_kernel"):
-        monkeypatch.setattr(launchers, name, _LaunchRecorder(getattr(launchers, name), log))
+        monkeypatch.setattr(launchers, name, LaunchRecorder(getattr(launchers, name), log, launchers.ACTIVE_SET_ARGS))
     x, weight, lora_a, lora_b, _ = operands(device)
     lora_a.requires_grad_()
     counter = CompileCounterWithBackend("aot_eager")
@@ -203,7 +202,7 @@ def _train_step(model, ids):
     logits = model(ids).logits
     logits.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    return [logits.detach()] + grads
+    return [logits.detach(), *grads]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -28,7 +28,9 @@ def build(kernel, types: dict, constants: dict, **options) -> None:
     names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}
-    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options
+    )
 
 
 def compile_in_subprocess(script: str) -> subprocess.CompletedProcess:
