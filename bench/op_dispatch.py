@@ -46,6 +46,7 @@ from fed_plora.kernels.nf4 import quantize_nf4_reference
 
 float_op = importlib.import_module("fed_plora.kernels.plora_linear.op")
 nf4_op = importlib.import_module("fed_plora.kernels.plora_linear_nf4.op")
+formulas = importlib.import_module("fed_plora.kernels.plora_linear.formulas")
 
 M, K, N, R, ACTIVE = 16, 1024, 1024, 16, 8  # a small model's layer at decode-like token counts
 DTYPE = torch.bfloat16
@@ -72,10 +73,7 @@ def stand_ins() -> ExitStack:
 
     stack = ExitStack()
     for module, name, stand_in in [
-        (float_op, "shrink", shrink),
-        (float_op, "gemm_with_slab", gemm_with_slab),
-        (float_op, "reduce_over_m", reduce_over_m),
-        (nf4_op, "gemm_with_slab", gemm_with_slab),
+        (formulas, "TRITON", formulas.Products(shrink, gemm_with_slab, reduce_over_m)),
         (nf4_op._triton, "gemm_nf4_with_slab", gemm_nf4_with_slab),
         (nf4_op, "dequantize_nf4", dequantize_nf4),
     ]:

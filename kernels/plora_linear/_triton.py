@@ -1,13 +1,15 @@
 """Triton kernels of the fused PLoRA linear op and their launchers.
 
-Three kernels cover the forward and the backward (DESIGN.md §3):
+Three kernels are the products that ``formulas.py`` writes the forward and the backward with
+(which product computes which term is stated there, once):
 
 * ``shrink``: ``t = scale · X G_actᵀ``, a thin ``[M, P]`` product whose rows of ``G`` are gathered
-  through the active-index tensor (``x A_actᵀ`` in the forward, ``s · dy B_act`` in the backward);
-* ``gemm_with_slab``: ``Y = X Wᵀ + slab_scale · T G_actᵀ (+ bias)``, the main GEMM whose
-  accumulator is seeded by the low-rank slab (forward ``y``, backward ``dx``);
-* ``reduce_over_m``: partial sums over row splits of ``Xᵀ T`` (``dyᵀ t`` for ``dB``, ``xᵀ dt`` for
-  ``dA``).
+  through the active-index tensor;
+* ``gemm_with_slab``: ``Y = X Wᵀ + slab_scale · T G_act (+ bias)``, the main GEMM whose
+  accumulator is seeded by the low-rank slab;
+* ``reduce_over_m``: partial sums over row splits of ``Xᵀ T``.
+
+Each has a plain-torch reference of the same signature in ``naive.py``.
 
 The active set enters only as a device tensor of indices plus its length ``r`` (never specialised,
 never read on the host); shapes are padded to the rank bucket ``P`` (a constexpr power of two >= 16),

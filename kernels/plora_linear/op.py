@@ -1,5 +1,8 @@
 """``plora_linear``: the fused PLoRA linear op (argument checks, custom ops with autograd, kernel launches).
 
+The forward and backward formulas are ``formulas.forward`` and ``formulas.backward``, run with the Triton
+kernels of ``_triton.py``; this module wires them into autograd and ``torch.compile``.
+
 The Triton path is registered with ``torch.library`` as the custom ops ``plora::linear`` (forward) and
 ``plora::linear_backward``, each with a fake implementation (shapes only), and the forward with an
 autograd formula. ``torch.compile`` therefore traces a call as one opaque node in a full graph, forward
@@ -31,18 +34,10 @@ from .._checks import (
     check_tensor,
 )
 from .._runtime import INTERPRET, rank_bucket
-from ._triton import gemm_with_slab, reduce_over_m, shrink
+from . import formulas
 from .naive import plora_linear_reference
 
 # ------------------------------------------------------------------------------ pieces shared with NF4
-
-
-def shrink_input(x: torch.Tensor, lora_a: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """``t = x A_actᵀ``, fp32 ``[M, P]`` (P the rank bucket), or ``[M, 0]`` when no module is active."""
-    count = active.numel()
-    if not count:
-        return x.new_empty((x.shape[0], 0), dtype=torch.float32)
-    return shrink(x, lora_a, 0, active, rank_bucket(count), 1.0)
 
 
 def fake_outputs(x: torch.Tensor, n: int, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,29 +47,6 @@ def fake_outputs(x: torch.Tensor, n: int, active: torch.Tensor) -> tuple[torch.T
     return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], rank_bucket(count) if count else 0), dtype=torch.float32)
 
 
-def backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, weight_t, needs) -> list[torch.Tensor]:
-    """Those of ``(dx, dA, dB)`` that ``needs`` (three bools) asks for, in that order.
-
-    ``dt = s · dy B_act``, ``dx = dy W + dt A_act`` with ``weight_t()`` giving ``Wᵀ [K, N]``; only the
-    first ``trainable`` modules of ``active`` get rows of ``dA`` and columns of ``dB`` (others zero)."""
-    need_x, need_a, need_b = needs
-    dt = shrink(dy, lora_b, 1, active, t.shape[1], scale) if active.numel() and (need_x or need_a) else None
-    grads = []
-    if need_x:
-        grads.append(gemm_with_slab(dy, weight_t(), dt, lora_a, 0, active, 1.0, None))
-    if need_a:
-        da = torch.zeros_like(lora_a)
-        if trainable:
-            da.index_copy_(0, active[:trainable].long(), reduce_over_m(x, dt)[:, :trainable].T.to(da.dtype))
-        grads.append(da)
-    if need_b:
-        db = torch.zeros_like(lora_b)
-        if trainable:
-            db.index_copy_(1, active[:trainable].long(), (reduce_over_m(dy, t)[:, :trainable] * scale).to(db.dtype))
-        grads.append(db)
-    return grads
-
-
 def records_graph(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records a call on ``tensors`` (grad mode on, one of them requiring grad). Eager calls
     that it would not record run the forward body directly, as a custom op does, without ``autograd.Function``."""
@@ -82,7 +54,7 @@ def records_graph(*tensors: torch.Tensor | None) -> bool:
 
 
 def fake_grads(dy, x, lora_a, lora_b, needs) -> list[torch.Tensor]:
-    """Empty gradients shaped as ``backward_grads`` returns them."""
+    """Empty gradients shaped as ``formulas.backward`` returns them."""
     grads = (dy.new_empty(x.shape), torch.empty_like(lora_a), torch.empty_like(lora_b))
     return [g for g, need in zip(grads, needs) if need]
 
@@ -105,11 +77,10 @@ def _linear_forward(
     scale: float,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, t)`` on 2-D ``x``: ``y = x Wᵀ + s · t B_actᵀ + bias`` and ``t = x A_actᵀ`` (kept for backward)."""
+    """``(y, t)`` on 2-D ``x`` (``formulas.forward``; ``t`` is kept for backward)."""
     # Compiled graphs cannot read the indices while tracing: they are checked here, once per tensor version.
     check_indices("active", active, lora_a.shape[0], x.device)
-    t = shrink_input(x, lora_a, active)
-    return gemm_with_slab(x, weight, t if t.shape[1] else None, lora_b, 1, active, scale, bias), t
+    return formulas.forward(x, weight, lora_a, lora_b, active, scale, bias)
 
 
 def _linear_backward_grads(
@@ -123,8 +94,8 @@ def _linear_backward_grads(
     scale: float,
     needs: list[bool],
 ) -> list[torch.Tensor]:
-    """Those of ``(dx, dA, dB)`` that ``needs`` asks for (see ``backward_grads``)."""
-    return backward_grads(dy, x, t, lora_a, lora_b, active, scale, active.numel(), lambda: weight.T, needs)
+    """Those of ``(dx, dA, dB)`` that ``needs`` asks for (``formulas.backward``)."""
+    return formulas.backward(dy, x, t, lambda: weight.T, lora_a, lora_b, active, scale, needs)
 
 
 def _setup_context(ctx, inputs, output):

@@ -5,7 +5,9 @@ As ``plora_linear``, the Triton path is a pair of ``torch.library`` custom ops, 
 ``plora::linear_nf4_backward``, so that ``torch.compile`` traces it as one node; the NF4 weight enters
 them as its tensors, sizes and dtype (``_flatten``). Eager calls run the same bodies as an
 ``autograd.Function``, ``_LinearNF4Function`` (or the forward body alone when autograd records nothing),
-which skips the dispatcher (bit-identical results).
+which skips the dispatcher (bit-identical results). The forward and backward are ``plora_linear``'s
+``formulas`` with the Triton kernels; only the base product differs (NF4, dequantised in the GEMM or
+into a temporary).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 from .._checks import check_adapters, check_bias, check_float_dtype, check_indices, check_same_device, check_scale, check_tensor
 from .._runtime import INTERPRET
 from ..nf4 import NF4Weight, as_nf4, dequantize_nf4
-from ..plora_linear._triton import gemm_with_slab
-from ..plora_linear.op import backward_grads, fake_grads, fake_outputs, records_graph, shrink_input, spread_grads
+from ..plora_linear import formulas
+from ..plora_linear.op import fake_grads, fake_outputs, records_graph, spread_grads
 from . import _triton
 from .naive import plora_linear_nf4_reference
 
@@ -41,18 +43,14 @@ def _linear_nf4_forward(
     fused: bool,
     trainable: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, t)`` on 2-D ``x``: ``y = x deq(W)ᵀ + s · t B_actᵀ + bias``, ``t = x A_actᵀ`` (kept for backward).
+    """``(y, t)`` on 2-D ``x``: ``formulas.forward`` with ``W = deq(W)`` (``t`` is kept for backward).
 
     The NF4 weight comes as ``_flatten`` gives it; ``trainable`` is for the autograd formula only."""
     check_indices("active", active, lora_a.shape[0], x.device)  # see ``plora::linear``
     nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
-    t = shrink_input(x, lora_a, active)
-    slab = t if t.shape[1] else None
     if fused:
-        y = _triton.gemm_nf4_with_slab(x, nf4, slab, lora_b, active, scale, bias)
-    else:
-        y = gemm_with_slab(x, _dense(nf4, x.dtype), slab, lora_b, 1, active, scale, bias)
-    return y, t
+        return formulas.forward(x, nf4, lora_a, lora_b, active, scale, bias, gemm=_gemm_nf4)
+    return formulas.forward(x, _dense(nf4, x.dtype), lora_a, lora_b, active, scale, bias)
 
 
 def _linear_nf4_backward_grads(
@@ -71,7 +69,8 @@ def _linear_nf4_backward_grads(
 ) -> list[torch.Tensor]:
     """Those of ``(dx, dA, dB)`` that ``needs`` asks for; ``dx`` through a dequantised temporary (freed on return)."""
     nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
-    return backward_grads(dy, x, t, lora_a, lora_b, active, scale, trainable, lambda: _dense(nf4, dy.dtype).T, needs)
+    weight_t = lambda: _dense(nf4, dy.dtype).T
+    return formulas.backward(dy, x, t, weight_t, lora_a, lora_b, active, scale, needs, trainable)
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,6 +148,11 @@ def _unflatten(tensors: list[torch.Tensor], sizes: list[int], dtype: torch.dtype
     packed, absmax, code, *nested = tensors
     n, k, blocksize, blocksize2 = sizes
     return NF4Weight(packed, absmax, torch.Size((n, k)), dtype, blocksize, code, *nested, blocksize2=blocksize2)
+
+
+def _gemm_nf4(x, nf4, t, g, g_rows_dim, active, slab_scale: float, bias) -> torch.Tensor:
+    """``formulas.Products.gemm_with_slab`` over an NF4 weight, dequantised in the kernel (``g_rows_dim`` is 1)."""
+    return _triton.gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale, bias)
 
 
 def _dense(nf4, dtype: torch.dtype) -> torch.Tensor:
