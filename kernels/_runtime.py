@@ -23,8 +23,15 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: ``do_not_specialize``, so no index set ever triggers a compile.
 ACTIVE_SET_ARGS = ["idx_ptr", "r"]
 
+#: Launch arguments that only key the autotuner (``M_BUCKET = token_bucket(M)``): kernels never read them and
+#: declare them ``do_not_specialize``, so they select a tuned config but never a compile.
+TUNING_ARGS = ["M_BUCKET"]
+
 #: Smallest padded rank: ``tl.dot`` needs every dimension >= 16.
 MIN_RANK_BUCKET = 16
+
+#: Smallest token bucket: the smallest BLOCK_M of any autotuning config.
+MIN_TOKEN_BUCKET = 16
 
 
 def upcast_in_kernel(dtype: torch.dtype) -> bool:
@@ -47,6 +54,18 @@ def rank_bucket(count: int) -> int:
     while bucket < count:  # torch.compile guards only on the bucket's bounds
         bucket *= 2
     return bucket
+
+
+def token_bucket(m: int) -> int:
+    """Autotuning bucket of a token count ``m``: the next power of two, at least ``MIN_TOKEN_BUCKET``.
+
+    Kernels key their autotuning on this bucket (the launch argument ``M_BUCKET``), not on M itself: with
+    dynamic padding M changes almost every batch, and every new key benchmarks every config on the GPU.
+    Powers of two bound the keys to about log2 of the largest M per shape; the config tuned for the first
+    M of a bucket serves the others (results do not depend on the config beyond rounding order). ``m`` is
+    a host int (a tensor's size), so bucketing needs no sync.
+    """
+    return max(MIN_TOKEN_BUCKET, 1 << (m - 1).bit_length())
 
 
 def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:

@@ -13,7 +13,9 @@ Each has a plain-torch reference of the same signature in ``naive.py``.
 
 The active set enters only as a device tensor of indices plus its length ``r`` (never specialised,
 never read on the host); shapes are padded to the rank bucket ``P`` (a constexpr power of two >= 16),
-so changing the active set within a bucket never recompiles. Matrices are addressed through strides,
+so changing the active set within a bucket never recompiles. The GEMM and the reduction autotune on
+``M_BUCKET`` (``token_bucket(M)``, a power of two), never on the token count itself, so a new batch
+length reuses its bucket's tuned config instead of benchmarking every config again. Matrices are addressed through strides,
 so transposed or otherwise non-contiguous operands need no copy.
 """
 
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import ACTIVE_SET_ARGS, INTERPRET, autotune_configs, device_guard, upcast_in_kernel
+from .._runtime import ACTIVE_SET_ARGS, INTERPRET, TUNING_ARGS, autotune_configs, device_guard, token_bucket, upcast_in_kernel
 from .._tl import add_low_rank_slab, grouped_tile, load_tile, store_output_tile
 
 
@@ -107,12 +109,12 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
         ],
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
     ),
-    key=["M", "N", "K", "P", "HAS_SLAB"],
+    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB"],
 )
-@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TUNING_ARGS)
 def _gemm_with_slab_kernel(
     x_ptr, w_ptr, t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
-    M, N, K, r, slab_scale,
+    M, N, K, r, slab_scale, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_g_idx, stride_g_n, stride_ym, stride_yn,
     P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -165,7 +167,7 @@ def gemm_with_slab(
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         ](
             x, w, t if t is not None else x, g, active, bias if bias is not None else x, y,
-            m, n, k, active.numel(), slab_scale,
+            m, n, k, active.numel(), slab_scale, token_bucket(m),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             t.stride(0) if t is not None else 0, g.stride(g_rows_dim), g.stride(1 - g_rows_dim),
             y.stride(0), y.stride(1),
@@ -188,12 +190,12 @@ def gemm_with_slab(
         ],
         triton.Config({"BLOCK_ROWS": 64, "BLOCK_M": 64}),
     ),
-    key=["ROWS", "P", "M_PER_SPLIT"],
+    key=["ROWS", "P", "M_BUCKET"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=TUNING_ARGS)
 def _reduce_over_m_kernel(
     x_ptr, t_ptr, out_ptr,
-    M, ROWS, M_PER_SPLIT,
+    M, ROWS, M_PER_SPLIT, M_BUCKET,
     stride_xm, stride_xr, stride_tm, stride_os, stride_or,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -236,7 +238,7 @@ def reduce_over_m(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     with device_guard(x):
         _reduce_over_m_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]), splits)](
             x, t, partial,
-            m, rows, m_per_split,
+            m, rows, m_per_split, token_bucket(m),
             x.stride(0), x.stride(1), t.stride(0), partial.stride(0), partial.stride(1),
             P=bucket, UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         )  # fmt: skip

@@ -7,7 +7,8 @@ exactly as bitsandbytes' dequantisation rounds it. Needs rows of whole blocks an
 dividing the block size (so a K-step reads one absmax per row); the launcher checks.
 
 The dequantisation is redone for every M-tile, so this kernel saves memory traffic at small M and
-costs ALU work at large M; ``op.py`` picks it only for small M.
+costs ALU work at large M; ``op.py`` picks it only for small M. It autotunes on ``M_BUCKET``
+(``token_bucket(M)``), as ``gemm_with_slab`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import ACTIVE_SET_ARGS, autotune_configs, device_guard, upcast_in_kernel
+from .._runtime import ACTIVE_SET_ARGS, TUNING_ARGS, autotune_configs, device_guard, token_bucket, upcast_in_kernel
 from .._tl import add_low_rank_slab, grouped_tile, round_to, store_output_tile
 from ..nf4._triton import block_absmax
 
@@ -41,13 +42,13 @@ BLOCK_K = 64
         ],
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4}),
     ),
-    key=["M", "N", "K", "P", "HAS_SLAB", "NESTED", "BLOCKSIZE"],
+    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB", "NESTED", "BLOCKSIZE"],
 )
-@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TUNING_ARGS)
 def _gemm_nf4_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
-    M, N, K, r, slab_scale,
+    M, N, K, r, slab_scale, M_BUCKET,
     stride_xm, stride_xk, stride_tm, stride_g_idx, stride_g_n, stride_ym, stride_yn,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, W_DTYPE: tl.constexpr, W_UPCAST: tl.constexpr,
     P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -109,7 +110,7 @@ def gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale: float, bias):
         _gemm_nf4_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
             x, nf4.packed, nf4.absmax, absmax2, code2, offset, nf4.code,
             t if t is not None else x, g, active, bias if bias is not None else x, y,
-            m, n, k, active.numel(), slab_scale,
+            m, n, k, active.numel(), slab_scale, token_bucket(m),
             x.stride(0), x.stride(1), t.stride(0) if t is not None else 0, g.stride(1), g.stride(0),
             y.stride(0), y.stride(1),
             BLOCKSIZE=nf4.blocksize, NESTED=nf4.nested, BLOCKSIZE2=nf4.blocksize2, W_DTYPE=_TL_DTYPE[nf4.dtype],
