@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from bench.common import median_ms, on_gpu, peak_memory_bytes, synced
-from fed_plora.kernels import fold_, fold_nf4_, plora_linear, plora_linear_nf4
+from fed_plora.kernels import fold_, fold_nf4_, plora_linear, plora_linear_nf4, quantize_nf4
 
 RANK, FOLDED, SCALE = 64, 32, 0.5
 
@@ -103,19 +103,32 @@ def fold_call(variant: str, n: int, k: int):
     return (lambda: layer.merge()), (lambda: layer.unmerge()), {}
 
 
+def nf4_weight(weight: torch.Tensor):
+    """``(param, how)``: ``weight`` in NF4 as QLoRA stores it (a bitsandbytes ``Params4bit``, blocks of 64,
+    double quantisation); without bitsandbytes, ``quantize_nf4``'s bit-identical codes with plain fp32
+    absmax (the double quantisation needs bitsandbytes' absmax code book)."""
+    try:
+        return _params4bit(weight), "bitsandbytes Params4bit, nested absmax"
+    except ImportError:
+        return quantize_nf4(weight, 64), "quantize_nf4 without bitsandbytes, fp32 absmax"
+
+
 def fwd_call(variant: str, m: int, k: int, n: int):
+    """``(call, info)`` for a forward variant (``info``: how the NF4 weight is stored, for NF4 variants)."""
+    weight, lora_a, lora_b, active = _adapter(n, k, seed=m + n + k)
+    gen = torch.Generator(device=_device()).manual_seed(m + n + k + 1)  # the same x for every variant
+    x = torch.randn(m, k, generator=gen, device=_device()).to(DTYPE)
+    if variant == "fwd_bf16":
+        return (lambda: plora_linear(x, weight, lora_a, lora_b, active, SCALE)), {}
+    if variant.startswith("fwd_nf4"):
+        param, storage = nf4_weight(weight)
+        mode = variant.rsplit("_", 1)[1]
+        return (lambda: plora_linear_nf4(x, param, lora_a, lora_b, active, SCALE, dequant=mode)), {"nf4_storage": storage}
     import bitsandbytes as bnb
 
-    weight, lora_a, lora_b, active = _adapter(n, k, seed=m + n + k)
-    x = torch.randn(m, k, device=_device()).to(DTYPE)
-    if variant == "fwd_bf16":
-        return lambda: plora_linear(x, weight, lora_a, lora_b, active, SCALE)
     param = _params4bit(weight)
-    if variant.startswith("fwd_nf4"):
-        mode = variant.rsplit("_", 1)[1]
-        return lambda: plora_linear_nf4(x, param, lora_a, lora_b, active, SCALE, dequant=mode)
     a_act, b_act = lora_a[active].contiguous(), lora_b[:, active].contiguous()
-    return lambda: bnb.matmul_4bit(x, param.t(), quant_state=param.quant_state) + (x @ a_act.T) @ b_act.T * SCALE
+    return (lambda: bnb.matmul_4bit(x, param.t(), quant_state=param.quant_state) + (x @ a_act.T) @ b_act.T * SCALE), {}
 
 
 FOLD_CASES = [(n, k, v) for n, k in FOLD_SHAPES for v in FOLD_VARIANTS]
@@ -124,6 +137,8 @@ FOLD_CASES = [(n, k, v) for n, k in FOLD_SHAPES for v in FOLD_VARIANTS]
 @pytest.mark.parametrize("case", FOLD_CASES, ids=lambda c: f"{c[2]}-N{c[0]}-K{c[1]}")
 def test_fold(benchmark, case):
     n, k, variant = case
+    if variant.endswith("nf4"):
+        pytest.importorskip("bitsandbytes")
     call, setup, info = fold_call(variant, n, k)
     info.update({"N": n, "K": k, "R": RANK, "folded": FOLDED, "variant": variant, "dtype": str(DTYPE)})
     if setup is None:
@@ -141,8 +156,10 @@ FWD_CASES_ALL = [(m, k, n, v) for m, k, n in FWD_CASES for v in FWD_VARIANTS]
 @pytest.mark.parametrize("case", FWD_CASES_ALL, ids=lambda c: f"{c[3]}-M{c[0]}-K{c[1]}-N{c[2]}")
 def test_forward(benchmark, case):
     m, k, n, variant = case
-    call = fwd_call(variant, m, k, n)
-    info = {"M": m, "K": k, "N": n, "R": RANK, "active": FOLDED, "variant": variant, "dtype": str(DTYPE)}
+    if variant == "fwd_bnb_peft":
+        pytest.importorskip("bitsandbytes")
+    call, info = fwd_call(variant, m, k, n)
+    info.update({"M": m, "K": k, "N": n, "R": RANK, "active": FOLDED, "variant": variant, "dtype": str(DTYPE)})
     info["median_ms_events"] = median_ms(call) if on_gpu() else None
     info["peak_bytes"] = peak_memory_bytes(call)
     benchmark.extra_info.update(info)

@@ -1,4 +1,5 @@
-"""pytest-benchmark suite of the fused PLoRA linear op against cuBLAS and PEFT-style unfused LoRA.
+"""pytest-benchmark suite of the fused PLoRA linear op against cuBLAS, PEFT-style unfused LoRA and an
+Unsloth-style path (the op's formulas with cuBLAS products, the low-rank term added in place by ``addmm_``).
 
 Run through ``python -m bench.plora_linear`` (which prints the ratio table and writes the JSON), or
 directly: ``python -m pytest bench/bench_plora_linear.py --benchmark-json=out.json``.
@@ -19,6 +20,7 @@ import torch
 
 from bench.common import median_ms, on_gpu, peak_memory_bytes, synced
 from fed_plora.kernels import plora_linear
+from fed_plora.kernels.plora_linear import formulas
 
 RANK = 64
 SCALE = 2.0
@@ -44,6 +46,7 @@ VARIANTS = [
     ("unfused_fwd", True),  # PEFT-style: base matmul, x @ Aᵀ, @ Bᵀ, scale, add
     ("unfused_bwd", True),
     ("unfused_fwdbwd", True),
+    ("unsloth_fwdbwd", True),  # formulas.TORCH: cuBLAS products, slab by addmm_, x and t saved
 ]
 
 CASES = [
@@ -78,6 +81,7 @@ def make_inputs(m: int, k: int, n: int, count: int | None, device: torch.device)
         "active": active,
         "a_act": lora_a[active].contiguous(),
         "b_act": lora_b[:, active].contiguous(),
+        "all_act": torch.arange(active.numel(), device=device),  # every module of a_act / b_act
     }
 
 
@@ -90,6 +94,34 @@ def unfused(inp, x, a, b):
     return x @ inp["weight"].T + (x @ a.T) @ b.T * SCALE
 
 
+class _UnslothStyle(torch.autograd.Function):
+    """LoRA as Unsloth computes it: ``formulas.forward`` / ``formulas.backward`` with cuBLAS products
+    (``formulas.TORCH``), the low-rank term added in place to the base GEMM's output, ``x`` and ``t`` saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, active, scale):
+        y, t = formulas.forward(x, weight, a, b, active, scale, None, products=formulas.TORCH)
+        ctx.save_for_backward(x, t, weight, a, b, active)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, t, weight, a, b, active = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in (0, 2, 3)]
+        grads = iter(formulas.backward(dy, x, t, lambda: weight.T, a, b, active, ctx.scale, needs, products=formulas.TORCH))
+        dx, da, db = (next(grads) if need else None for need in needs)
+        return dx, None, da, db, None, None
+
+
+def unsloth(inp, x, a, b):
+    """Unsloth-style LoRA with rank = the active count (``a``, ``b``: the active modules only)."""
+    return _UnslothStyle.apply(x, inp["weight"], a, b, inp["all_act"], SCALE)
+
+
+OPS = {"fused": fused, "unfused": unfused, "unsloth": unsloth}
+
+
 def build_call(variant: str, inp: dict):
     """The function to time for ``variant`` (a backward variant runs its forward once, untimed)."""
     if variant == "cublas_fwd":
@@ -97,7 +129,7 @@ def build_call(variant: str, inp: dict):
     if variant == "cublas_dgrad":
         return lambda: inp["dy"] @ inp["weight"]
     kind, phase = variant.split("_")
-    op = fused if kind == "fused" else unfused
+    op = OPS[kind]
     a, b = (inp["lora_a"], inp["lora_b"]) if kind == "fused" else (inp["a_act"], inp["b_act"])
     leaves = [t.detach().requires_grad_() for t in (inp["x"], a, b)]
     if phase == "fwd":

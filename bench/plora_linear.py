@@ -51,6 +51,7 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
             "fwdbwd_ms": t("fused_fwdbwd"),
             "unfused_fwd_ms": t("unfused_fwd"),
             "unfused_fwdbwd_ms": t("unfused_fwdbwd"),
+            "unsloth_fwdbwd_ms": t("unsloth_fwdbwd"),
             "peak_fwdbwd_MiB": None if peak("fused_fwdbwd") is None else peak("fused_fwdbwd") / 2**20,
             "unfused_peak_fwdbwd_MiB": None if peak("unfused_fwdbwd") is None else peak("unfused_fwdbwd") / 2**20,
             "rel_error_vs_unfused": entry["extra_info"]["rel_error_vs_unfused"],
@@ -59,6 +60,7 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
         row["bwd/cublas_dgrad"] = _ratio(row["bwd_ms"], row["cublas_dgrad_ms"])
         row["unfused/fused fwd"] = _ratio(row["unfused_fwd_ms"], row["fwd_ms"])
         row["unfused/fused fwd+bwd"] = _ratio(row["unfused_fwdbwd_ms"], row["fwdbwd_ms"])
+        row["unsloth/fused fwd+bwd"] = _ratio(row["unsloth_fwdbwd_ms"], row["fwdbwd_ms"])
         rows.append(row)
     return rows
 
@@ -74,7 +76,8 @@ def main(argv: list[str]) -> int:
     rows = summarise(raw["benchmarks"])
     columns = [
         "M", "K", "N", "active", "fwd_ms", "cublas_fwd_ms", "fwd/cublas", "bwd_ms", "cublas_dgrad_ms",
-        "bwd/cublas_dgrad", "unfused/fused fwd", "unfused/fused fwd+bwd", "peak_fwdbwd_MiB", "unfused_peak_fwdbwd_MiB",
+        "bwd/cublas_dgrad", "unfused/fused fwd", "unfused/fused fwd+bwd", "unsloth/fused fwd+bwd", "peak_fwdbwd_MiB",
+        "unfused_peak_fwdbwd_MiB",
     ]  # fmt: skip
     print()
     print(format_table(rows, columns))
