@@ -9,6 +9,18 @@ import torch
 
 _INITS = ("kaiming", "gaussian")
 
+#: The layers adapted when ``target_modules`` is not given, by ``model.config.model_type``: attention query
+#: and value projections, as PEFT's LoRA defaults.
+DEFAULT_TARGET_MODULES = {
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+
 
 @dataclass
 class PLoRAConfig:
@@ -21,7 +33,8 @@ class PLoRAConfig:
         target_modules: which ``nn.Linear`` / bitsandbytes ``Linear4bit`` modules to adapt, as in PEFT:
             a list of names (a module matches when its full name equals an entry or ends with
             ``"." + entry``), a single string taken as a regular expression that must match the full
-            name, or ``"all-linear"`` (every linear layer but the output head).
+            name, or ``"all-linear"`` (every linear layer but the output head); ``None``: the default of
+            the model's type (``DEFAULT_TARGET_MODULES``), resolved by :func:`plora.inject`.
         alpha_pattern: optional per-layer ``alpha``: regular expression over the full module name
             (searched, first match wins) to ``alpha``; layers that match none use ``alpha``.
         dropout: dropout probability on the adapter input during training (0 keeps the fused path;
@@ -46,12 +59,10 @@ class PLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer (the global rank R), got {self.r!r}")
-        if self.target_modules is None:
-            raise ValueError("target_modules must name the modules to adapt (list, regex or 'all-linear'), got None")
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 re.compile(self.target_modules)
-        else:
+        elif self.target_modules is not None:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
                 raise TypeError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
@@ -69,6 +80,14 @@ class PLoRAConfig:
             if re.search(pattern, name):
                 return float(alpha) / self.r
         return float(self.alpha) / self.r
+
+
+def default_target_modules(model) -> list[str]:
+    """``DEFAULT_TARGET_MODULES`` of ``model.config.model_type``; ``ValueError`` for a type without one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"no default target_modules for model type {model_type!r}: name the layers to adapt in target_modules")
+    return list(DEFAULT_TARGET_MODULES[model_type])
 
 
 def name_matches(name: str, targets: list[str] | str) -> bool:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from . import _base
-from .config import PLoRAConfig, name_matches
+from .config import PLoRAConfig, default_target_modules, name_matches
 from .layer import PLoRALinear
 
 
@@ -13,10 +15,12 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
     """Replace the target ``nn.Linear`` / ``Linear4bit`` modules of ``model`` by ``PLoRALinear``, in place.
 
     Every parameter is frozen except the adapters and the parameters of ``config.modules_to_save``.
-    The config is kept as ``model.plora_config``. Returns ``model``.
+    ``config.target_modules=None`` adapts the default layers of the model's type (``DEFAULT_TARGET_MODULES``).
+    The config, with its targets resolved, is kept as ``model.plora_config``. Returns ``model``.
 
-    Raises ``ValueError`` when the model is already injected, when no module matches the targets, or
-    when a target that names a module matches one that is not a linear layer.
+    Raises ``ValueError`` when the model is already injected, when no module matches the targets, when
+    a target that names a module matches one that is not a linear layer, or when no targets are given
+    for a model type without defaults.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -24,6 +28,8 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
         raise TypeError(f"config must be a plora.PLoRAConfig, got {type(config).__name__}")
     if plora_layers(model):
         raise ValueError("model already holds PLoRA layers: inject once per model")
+    if config.target_modules is None:
+        config = dataclasses.replace(config, target_modules=default_target_modules(model))
     targets = _target_names(model, config)
     for name in targets:
         parent_name, _, child = name.rpartition(".")

@@ -98,8 +98,8 @@ def test_target_matching_like_peft_and_errors():
         plora.inject(tiny_model("llama"), plora.PLoRAConfig(r=2, target_modules=["mlp"]))
     with pytest.raises(ValueError, match="modules_to_save"):
         plora.inject(tiny_model("llama"), plora.PLoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["head"]))
-    with pytest.raises(ValueError, match="target_modules"):
-        plora.PLoRAConfig(r=2)
+    with pytest.raises(ValueError, match="no default target_modules"):
+        plora.inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), plora.PLoRAConfig(r=2))
     with pytest.raises(ValueError, match="r must"):
         plora.PLoRAConfig(r=0, target_modules=["q_proj"])
     with pytest.raises(TypeError, match="config"):
@@ -120,3 +120,13 @@ def test_select_and_fold_validates_everything_first():
     plora.select_and_fold(model, [0])
     with pytest.raises(RuntimeError, match="unfold first"):
         plora.select_and_fold(model, [1])
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_default_targets_by_model_type(kind):
+    config = plora.PLoRAConfig(r=2)
+    model = plora.inject(tiny_model(kind), config)
+    expected = ["query", "value"] if kind == "bert" else ["q_proj", "v_proj"]
+    assert model.plora_config.target_modules == expected and config.target_modules is None
+    assert {n.rpartition(".")[2] for n in plora.plora_layers(model)} == set(expected)
+
