@@ -178,6 +178,17 @@ class PLoRALinear(nn.Module):
         self.lora_b.requires_grad_(True)
         self.active_index = torch.arange(self.r, device=self.lora_a.device)
 
+    def merge_into_base(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Add ``scale · lora_b @ lora_a`` to the frozen base weight for good.
+
+        ``lora_a [r, K]`` and ``lora_b [N, r]`` (any ``r``, any float dtype and device) are an update that
+        is none of this layer's modules, e.g. FLoRA's stack of client modules. Refused while a selection
+        is in force (unfold first).
+        """
+        self._check_merge(lora_a, lora_b)
+        device = self.lora_a.device
+        _base.merge_into_base(self.base_layer, lora_a.detach().to(device), lora_b.detach().to(device), self.scale)
+
     def module_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Current ``(A [R, K], B [N, R])`` of all modules, detached copies in the adapter dtype."""
         a, b = self.lora_a.detach().clone(), self.lora_b.detach().clone()
@@ -204,6 +215,16 @@ class PLoRALinear(nn.Module):
             if self.selected_a is not None:
                 self.selected_a.copy_(self.lora_a.index_select(0, self.selected_index))
                 self.selected_b.copy_(self.lora_b.index_select(1, self.selected_index))
+
+    def _check_merge(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        if self.is_selected:
+            raise RuntimeError("cannot merge into the base while a selection is in force: unfold() first")
+        rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+        if rank < 0 or lora_a.shape[1] != self.in_features or tuple(lora_b.shape) != (self.out_features, rank):
+            raise ValueError(
+                f"merge needs lora_a [r, {self.in_features}] and lora_b [{self.out_features}, r], "
+                f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+            )
 
     def _check_selection(self, indices) -> list[int]:
         if isinstance(indices, torch.Tensor):

@@ -164,6 +164,22 @@ def test_linear4bit_base_forward_backward_and_merge_restores_exactly(quant_type)
     assert torch.equal(base.weight.data, packed)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_merge_into_a_linear4bit_base_moves_it_towards_the_sum(quant_type):
+    base, dequantize = _linear4bit(quant_type)
+    layer = plora.PLoRALinear(base, 4, scale=0.5)
+    weight = dequantize(base.weight.data, base.weight.quant_state)
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 64, generator=gen), torch.randn(32, 2, generator=gen) * 0.5
+    target = weight + 0.5 * (b @ a)
+    saved = plora.snapshot_bases(nn.ModuleDict({"layer": layer}))
+    layer.merge_into_base(a, b)
+    merged = dequantize(base.weight.data, base.weight.quant_state)
+    assert (merged - target).norm() < 0.5 * (weight - target).norm()
+    plora.restore_bases(nn.ModuleDict({"layer": layer}), saved)
+    assert torch.equal(dequantize(base.weight.data, base.weight.quant_state), weight)
+
+
 def test_bf16_merge_unfold_drift_is_bounded_and_pristine_is_exact():
     torch.manual_seed(0)
     layer = _layer(n=64, k=64, r=8, dtype=torch.bfloat16, bias=False, adapter_dtype=torch.float32)

@@ -130,3 +130,30 @@ def test_default_targets_by_model_type(kind):
     assert model.plora_config.target_modules == expected and config.target_modules is None
     assert {n.rpartition(".")[2] for n in plora.plora_layers(model)} == set(expected)
 
+
+def test_merge_into_base_and_snapshot_restore():
+    model = tiny_model("llama")
+    plora.inject(model, plora.PLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"]))
+    layers = plora.plora_layers(model)
+    gen = torch.Generator().manual_seed(5)
+    updates = {
+        n: (torch.randn(3, layer.in_features, generator=gen), torch.randn(layer.out_features, 3, generator=gen))
+        for n, layer in layers.items()
+    }
+    before = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
+    saved = plora.snapshot_bases(model)
+    bad = {**updates, next(iter(layers)): (torch.randn(3, 1), torch.randn(1, 3))}
+    with pytest.raises(ValueError, match="merge needs"):
+        plora.merge_into_base(model, bad)
+    with pytest.raises(KeyError, match="no PLoRA layer"):
+        plora.merge_into_base(model, {"nothing": updates[next(iter(layers))]})
+    assert all(torch.equal(layer.base_layer.weight, before[n]) for n, layer in layers.items())  # checked before any change
+    plora.merge_into_base(model, updates)
+    for name, layer in layers.items():
+        a, b = updates[name]
+        torch.testing.assert_close(layer.base_layer.weight, before[name] + layer.scale * (b @ a), rtol=1e-6, atol=1e-6)
+    plora.restore_bases(model, saved)
+    assert all(torch.equal(layer.base_layer.weight, before[n]) for n, layer in layers.items())
+    plora.select_and_fold(model, [0])
+    with pytest.raises(RuntimeError, match="selection is in force"):
+        plora.merge_into_base(model, updates)
