@@ -7,7 +7,7 @@ import argparse
 import shlex
 import sys
 
-from .config import load_config
+from .config import load_config, toml_literal
 from .data import TASKS
 from .strategies import STRATEGIES
 
@@ -41,7 +41,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field (repeatable)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config field (repeatable), a method's option as methods.<method>.key=value",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     resume = sub.add_parser("resume", help="continue a killed run from its last per-round checkpoint")
@@ -81,12 +85,3 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def toml_literal(value) -> str:
-    """A TOML literal for a flag value (strings quoted, lists element-wise)."""
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    return str(value)

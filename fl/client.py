@@ -1,9 +1,7 @@
-"""What a simulated client does on the shared model: a round's fit (load, fold, train, read back, unfold),
-local training (AdamW) and evaluation."""
+"""What a client does on its model: a round's fit (load, fold, train, read back, unfold) and local training (AdamW)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -15,8 +13,8 @@ from torch import nn
 from fed_plora import plora
 
 from .config import Config
-from .data import TaskSpec, score
 from .data.tokenize import collate
+from .device import precision_context
 from .model import read_adapter, write_adapter
 from .strategies import ClientPlan, ClientUpdate
 
@@ -31,12 +29,12 @@ class TrainStats:
     seconds: float = 0.0
 
 
-def fit(model: nn.Module, plan: ClientPlan, features: list[dict], fold_mode: str, **train) -> tuple[ClientUpdate, TrainStats]:
-    """One client's round on the shared ``model``: load ``plan``, Select-N-Fold (``pristine``), train
-    (``train``: the keywords of ``train_local``), read the factors back. The base is restored and the
-    gradients dropped even when training raises, so that the next client starts clean."""
+def fit(model: nn.Module, plan: ClientPlan, features: list[dict], **train) -> tuple[ClientUpdate, TrainStats]:
+    """One client's round on the shared ``model``: load ``plan``, Select-N-Fold (``plan.fold_mode``,
+    ``pristine``), train (``train``: the keywords of ``train_local``), read the factors back. The base is
+    restored and the gradients dropped even when training raises, so that the next client starts clean."""
     write_adapter(model, plan.adapter, plan.extra)
-    plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, fold_mode, pristine=True)
+    plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, plan.fold_mode, pristine=True)
     try:
         stats = train_local(model, features, **train)
         adapter, extra = read_adapter(model)
@@ -63,11 +61,6 @@ def local_steps(config: Config, shard_size: int) -> int:
     return max(1, math.ceil(train.local_epochs * shard_size / train.batch_size))
 
 
-def fold_mode(config: Config, method: str) -> str:
-    """How a client folds the modules it does not train: Fed-PLoRA's configured mode, "merge" otherwise."""
-    return config.methods.fold_mode if method == "fedplora" else "merge"
-
-
 def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id: int, autocast_dtype: torch.dtype | None) -> dict:
     """The keywords of ``train_local`` for ``client`` in round ``rnd``: the same wherever the client runs."""
     tcfg = config.train
@@ -80,13 +73,6 @@ def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id:
         pad_id=pad_id,
         autocast_dtype=autocast_dtype,
     )
-
-
-def precision_context(device: torch.device, dtype: torch.dtype | None):
-    """bf16 autocast on a GPU when ``dtype`` is bf16; nothing otherwise."""
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def local_batches(features: list[dict], batch_size: int, steps: int, generator: torch.Generator, pad_id: int):
@@ -133,39 +119,3 @@ def train_local(
         tokens += batch["input_ids"].numel()
     model.eval()
     return TrainStats(total / steps, steps, tokens, time.perf_counter() - start)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    task: TaskSpec,
-    features: list[dict],
-    tokenizer,
-    *,
-    batch_size: int,
-    max_new_tokens: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """The task's metrics on ``features``: argmax of the logits (classification) or greedy generation."""
-    device = next(model.parameters()).device
-    model.eval()
-    predictions, references = [], []
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        if task.kind == "classification":
-            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-            references += batch.pop("labels").tolist()
-            with precision_context(device, autocast_dtype):
-                predictions += model(**batch).logits.argmax(-1).tolist()
-        else:
-            batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id, left=True).items()}
-            with precision_context(device, autocast_dtype):
-                out = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens or task.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            predictions += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            references += [f["reference"] for f in chunk]
-    return score(task.name, predictions, references)

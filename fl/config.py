@@ -1,5 +1,6 @@
 """Run configuration: a TOML file of sections ``[run]``, ``[task]``, ``[model]``, ``[federation]``,
-``[train]``, ``[methods]``, each field overridable as ``section.key=value`` (values parsed as TOML)."""
+``[train]``, ``[methods]`` (with one table of options per method, ``[methods.fedit]``), each field
+overridable as ``section.key=value`` or ``methods.<method>.key=value`` (values parsed as TOML)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
+
+from .strategies import STRATEGIES
 
 
 @dataclass
@@ -63,12 +66,23 @@ class TrainSection:
     eval_batch_size: int = 64
 
 
-@dataclass
-class MethodsSection:
-    names: list[str] = field(default_factory=lambda: ["fedplora", "fedit", "flora", "hetlora", "flexlora"])
-    fold_mode: str = "merge"  # Fed-PLoRA's client fold: merge | exact
-    fedit_rank: int | None = None  # FedIT's homogeneous rank; None: the smallest client budget
-    hetlora_prune_gamma: float | None = None  # HetLoRA rank self-pruning; None: off
+#: ``[methods]``: ``names``, the methods to run in order, and a table per method of its own options, the
+#: strategy's ``Options`` dataclass (``[methods.fedplora] fold_mode``, ``[methods.fedit] client_rank``,
+#: ``[methods.hetlora] prune_gamma``; see ``fl.strategies``).
+MethodsSection = dataclasses.make_dataclass(
+    "MethodsSection",
+    [
+        ("names", list[str], field(default_factory=lambda: list(STRATEGIES))),
+        *[(name, cls.Options, field(default_factory=cls.Options)) for name, cls in STRATEGIES.items()],
+    ],
+)
+
+#: Fields that moved: ``config.json`` of a run written before still reads (``Config.from_dict``).
+MOVED = {
+    "methods.fold_mode": "methods.fedplora.fold_mode",
+    "methods.fedit_rank": "methods.fedit.client_rank",
+    "methods.hetlora_prune_gamma": "methods.hetlora.prune_gamma",
+}
 
 
 @dataclass
@@ -85,23 +99,51 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
-        """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file)."""
+        """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file); the fields of
+        ``MOVED`` are read at their new place."""
         config = cls()
         for section, table in data.items():
             for key, value in table.items():
-                _apply(config, section, key, value, "config dict")
+                path = MOVED.get(f"{section}.{key}", f"{section}.{key}").split(".")
+                _apply(config, path, value, "config dict")
         return config
 
 
-def _apply(config: Config, section: str, key: str, value, origin: str) -> None:
-    sections = {f.name for f in dataclasses.fields(Config)}
-    if section not in sections:
-        raise KeyError(f"{origin}: unknown section [{section}]; sections are {sorted(sections)}")
-    target = getattr(config, section)
-    keys = {f.name for f in dataclasses.fields(target)}
-    if key not in keys:
-        raise KeyError(f"{origin}: unknown key {section}.{key}; keys of [{section}] are {sorted(keys)}")
-    setattr(target, key, value)
+def _apply(config: Config, path: list[str], value, origin: str) -> None:
+    """Set the field at ``path`` (``["methods", "fedit", "client_rank"]``); a table (a dict) sets its
+    keys one by one. A method's options are validated as they are set."""
+    dotted = ".".join(path)
+    if dotted in MOVED:
+        raise KeyError(f"{origin}: {dotted} is now {MOVED[dotted]}")
+    table, key = _table(config, path, origin), path[-1]
+    if dataclasses.is_dataclass(getattr(table, key)):
+        if not isinstance(value, dict):
+            raise TypeError(f"{origin}: {dotted} is a table, got {value!r}")
+        for name, item in value.items():
+            _apply(config, [*path, name], item, origin)
+        return
+    setattr(table, key, value)
+    validate = getattr(table, "__post_init__", None)  # a method's options check themselves
+    if validate is not None:
+        try:
+            validate()
+        except ValueError as error:
+            raise ValueError(f"{origin}: {'.'.join(path[:-1])}: {error}") from None
+
+
+def _table(config: Config, path: list[str], origin: str):
+    """The section or table that holds the field at ``path``; ``KeyError`` naming what is unknown."""
+    table = config
+    for depth, key in enumerate(path):
+        if not dataclasses.is_dataclass(table):
+            raise KeyError(f"{origin}: {'.'.join(path[:depth])} is a value, not a table")
+        keys = sorted(f.name for f in dataclasses.fields(table))
+        if key not in keys:
+            where = f"keys of [{'.'.join(path[:depth])}] are" if depth else "sections are"
+            raise KeyError(f"{origin}: unknown {'key' if depth else 'section'} {'.'.join(path[: depth + 1])}; {where} {keys}")
+        if depth < len(path) - 1:
+            table = getattr(table, key)
+    return table
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -116,16 +158,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise KeyError(f"config {path}: top-level key {section!r} must be a [section]")
-            for key, value in table.items():
-                _apply(config, section, key, value, f"config {path}")
+            _apply(config, [section], table, f"config {path}")
     for item in overrides:
         dotted, sep, raw = item.partition("=")
-        section, dot, key = dotted.strip().partition(".")
-        if not sep or not dot:
+        keys = dotted.strip().split(".")
+        if not sep or len(keys) < 2:
             raise ValueError(f"override {item!r} must read section.key=value")
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # a bare word: a string
-        _apply(config, section, key, value, f"override {item!r}")
+        _apply(config, keys, value, f"override {item!r}")
     return config
+
+
+def toml_literal(value) -> str:
+    """A TOML literal for a value (strings quoted, lists element-wise)."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    return str(value)

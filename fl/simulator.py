@@ -18,7 +18,8 @@ from .checkpoint import Checkpoint
 from .client import fit, fit_settings
 from .config import Config
 from .data import TaskSpec
-from .server import ClientResult, FederatedServer
+from .rounds import ClientResult
+from .server import FederatedServer
 
 
 @dataclass
@@ -65,7 +66,7 @@ def simulate(
             settings = fit_settings(config, planned.rnd, plan.client, len(features), tokenizer.pad_token_id, autocast_dtype)
             start = time.perf_counter()
             try:
-                update, stats = client_fit(model, plan, features, server.fold_mode, **settings)
+                update, stats = client_fit(model, plan, features, **settings)
             except Exception as error:  # a failing client is dropped from the round, never the run
                 results.append(ClientResult(error=error))
                 continue

@@ -2,7 +2,8 @@
 
 A train message carries the run's config and the client's plan (``wire``); the node loads the task's
 data and keeps its own shard (the same partition as the simulator's, from the run seed), loads the
-backbone once per method and runs ``fl.client.fit`` exactly as the simulator does. Node config keys:
+backbone once per method and runs ``fl.client.fit`` exactly as the simulator does (folding as the plan
+says). Node config keys:
 ``partition-id`` (required: which client this node is) and ``data-dir`` (optional: where this machine
 keeps the task data; otherwise the run config's ``task.data_dir``, ``$FED_PLORA_DATA`` or the Hub).
 
@@ -23,11 +24,12 @@ from flwr.clientapp import ClientApp
 
 from fed_plora import plora
 
-from ..client import fit, fit_settings, fold_mode
+from ..client import fit, fit_settings
 from ..config import Config
-from ..experiment import build_federation, pick_device, precision
-from ..model import inject_configured, load_model, load_tokenizer, merge_into_base, read_adapter
-from ..strategies import STRATEGIES, Adapter, Factors
+from ..device import pick_device, precision
+from ..experiment import build_federation
+from ..model import inject_configured, load_model, load_tokenizer, read_adapter
+from ..strategies import Adapter, Factors, strategy_class
 from .strategy import PARTITION_KEY
 from .wire import from_arrays, read_request, to_arrays, update_content
 
@@ -104,7 +106,7 @@ def train(message: Message, context: Context) -> Message:
         config.task.data_dir = str(context.node_config[DATA_DIR_KEY])
     runtime = runtime_for(config)
     model = runtime.model_for(request.method)
-    strategy = STRATEGIES[request.method]
+    strategy = strategy_class(request.method)
     plan = request.plan(strategy, read_adapter(model)[0])
     base_updates = node_base_updates(
         context.state, request.method, strategy.client_base_updates(plan.download, plan.init), plan.init
@@ -112,7 +114,7 @@ def train(message: Message, context: Context) -> Message:
     features = runtime.fed.client_features(client)
     settings = fit_settings(config, request.rnd, client, len(features), runtime.tokenizer.pad_token_id, runtime.autocast_dtype)
     with merged_base(model, base_updates):
-        update, stats = fit(model, plan, features, fold_mode(config, request.method), **settings)
+        update, stats = fit(model, plan, features, **settings)
     return Message(update_content(update, stats, time.perf_counter() - start), reply_to=message)
 
 
@@ -143,13 +145,10 @@ def merged_base(model: torch.nn.Module, updates: list[Adapter]):
     if not updates:
         yield
         return
-    layers = plora.plora_layers(model)
-    saved = {n: layers[n].base_layer.weight.detach().clone() for n in updates[0]}
-    for update in updates:
-        merge_into_base(model, {n: Factors(f.a.to(saved[n].device), f.b.to(saved[n].device)) for n, f in update.items()})
+    saved = plora.snapshot_bases(model, updates[0])
     try:
+        for update in updates:
+            plora.merge_into_base(model, update)
         yield
     finally:
-        with torch.no_grad():
-            for name, weight in saved.items():
-                layers[name].base_layer.weight.copy_(weight)
+        plora.restore_bases(model, saved)

@@ -1,9 +1,9 @@
 """The Flower ``ServerApp``: ``fed-plora run`` with the clients on Flower SuperNodes.
 
 The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with
-``flwr run --run-config``) holds the run's config fields as ``"section.key"`` keys, the way the TOML
-config and ``--set`` name them (a list is given as a TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty
-string leaves a field at its default), plus
+``flwr run --run-config``) holds the run's config fields as ``"section.key"`` (or
+``"methods.<method>.key"``) keys, the way the TOML config and ``--set`` name them (a list is given as a
+TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty string leaves a field at its default), plus
 ``flower.node-timeout`` and ``flower.round-timeout`` (seconds). Every method of ``methods.names`` runs
 in turn; the run directory (``run.out_dir``/``run.name`` on the SuperLink's machine) gets the same
 ``metrics.jsonl``, checkpoints, plots and summary as a simulated run, each record with
@@ -18,8 +18,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from ..cli import toml_literal
-from ..config import Config, load_config
+from ..config import Config, load_config, toml_literal
 from ..experiment import run_experiment
 from ..server import FederatedServer
 from .strategy import FlowerStrategy
@@ -64,7 +63,7 @@ def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float) -> Call
 
     def rounds(config, method, fed, model, tokenizer, autocast_dtype, on_round, *, resume=None, on_checkpoint=lambda c: None):
         server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
-        strategy = FlowerStrategy(server, on_round, on_checkpoint, node_timeout)
+        strategy = FlowerStrategy(server, on_round=on_round, on_checkpoint=on_checkpoint, node_timeout=node_timeout)
         remaining = config.federation.rounds - server.rounds_done
         if remaining > 0:
             strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=round_timeout)

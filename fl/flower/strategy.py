@@ -1,11 +1,13 @@
-"""``FlowerStrategy``: a Flower strategy that runs one method's rounds through a ``FederatedServer``.
+"""``FlowerStrategy``: a Flower strategy that runs any of our strategies (FedPLoRA, FedIT, FLoRA, HetLoRA,
+FlexLoRA) with the clients on Flower SuperNodes.
 
-Flower's ``Strategy.start`` drives the rounds. ``configure_train`` asks the server for the round's plans
-and addresses each to the SuperNode holding that client's partition (nodes are asked for their
-``partition-id`` when first seen); ``aggregate_train`` turns the replies back into updates (a missing
-reply, an error reply or a malformed upload drops that client) and lets the server finish the round:
-validation, aggregation, evaluation, the record (with the bytes of the Flower messages) and a checkpoint.
-Evaluation is central, on the server, as in the simulator; no client evaluation round is configured.
+Flower's ``Strategy.start`` drives the rounds through a ``fl.rounds.Server``. ``configure_train`` asks it
+for the round's plans and addresses each to the SuperNode holding that client's partition (nodes are asked
+for their ``partition-id`` when first seen); ``aggregate_train`` turns the replies back into updates (a
+missing reply, an error reply or a malformed upload drops that client) and lets the server finish the
+round: validation, aggregation, the record (with the bytes of the Flower messages) and a checkpoint.
+No client evaluation round is configured: ``fed-plora``'s runs evaluate on the server (``FederatedServer``);
+a ServerApp of one's own may pass Flower's ``evaluate_fn`` to ``start``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerBaseStrategy
 
 from ..checkpoint import Checkpoint
-from ..server import ClientResult, FederatedServer, RoundPlan
-from ..strategies import ClientPlan
+from ..config import Config
+from ..experiment import client_ranks
+from ..rounds import ClientResult, RoundPlan, Server
+from ..strategies import ClientPlan, Strategy
 from ..validate import update_from_upload
 from .wire import message_bytes, plan_content, read_reply, to_arrays
 
@@ -31,17 +35,35 @@ PARTITION_KEY = "partition-id"
 
 
 class FlowerStrategy(FlowerBaseStrategy):
-    """Flower's side of ``server``'s rounds; ``on_checkpoint`` and ``on_round`` receive what the simulator
-    hands out after every round. ``node_timeout``: seconds to wait for every client's node to connect."""
+    """Flower's side of a strategy's rounds.
+
+    Args:
+        strategy: one of ours, run under ``config``: its ``[federation]`` (clients, fraction, rank budgets
+            drawn as in any run, update norm bound) and ``run.seed``; the config also travels in every train
+            message, and ``fl.flower.client_app`` builds its model, data and training from it. Or a
+            ``fl.rounds.Server`` already driving one (then without ``config``): ``fed-plora``'s runs pass
+            their ``FederatedServer``, which also evaluates and measures.
+        on_round, on_checkpoint: receive each round's record and a checkpoint after it, as in the simulator.
+        node_timeout: seconds to wait for every client's node to connect.
+    """
 
     def __init__(
         self,
-        server: FederatedServer,
+        strategy: Strategy | Server,
+        config: Config | None = None,
+        *,
         on_round: Callable[[dict], None] = lambda record: None,
         on_checkpoint: Callable[[Checkpoint], None] = lambda checkpoint: None,
         node_timeout: float = 600.0,
     ):
-        self.server = server
+        if isinstance(strategy, Server):
+            if config is not None:
+                raise TypeError("config goes with a Strategy; a Server has its own")
+            self.server = strategy
+        elif config is None:
+            raise TypeError("a Strategy needs the run's config (federation, seed and what the clients build)")
+        else:
+            self.server = Server(strategy, config, client_ranks(config))
         self.on_round, self.on_checkpoint = on_round, on_checkpoint
         self.node_timeout = node_timeout
         self.node_of: dict[int, int] = {}  # client (partition) -> node id
@@ -61,7 +83,7 @@ class FlowerStrategy(FlowerBaseStrategy):
             server.method,
             server.config.federation.clients,
             server.config.federation.fraction,
-            server.config.model.rank,
+            server.strategy.rank,
         )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

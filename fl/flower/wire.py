@@ -1,7 +1,7 @@
 """Plans and updates as Flower message contents, and message sizes as Flower serialises them.
 
 A train message carries ``download`` (the plan's tensors, exactly those the traffic accounting counts),
-``plan`` (method, round, client, trained module indices and the strategy's ``init`` values) and ``run``
+``plan`` (method, round, client, trained module indices, fold mode and the strategy's ``init`` values) and ``run``
 (the run's configuration as JSON, so that a client needs no configuration of its own). A reply carries
 ``upload`` (``ClientUpdate.upload``) and ``stats`` (data size and training statistics).
 """
@@ -49,6 +49,7 @@ def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> Rec
         "round": rnd,
         "client": plan.client,
         "trained": json.dumps({n: idx.tolist() for n, idx in plan.trained.items()}),
+        "fold_mode": plan.fold_mode,
         "init": json.dumps(plan.init),
     }
     return RecordDict(
@@ -63,7 +64,7 @@ def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> Rec
 @dataclass
 class TrainRequest:
     """A train message as read by a client: the run's config, the method, round and client, and the plan
-    as sent (``download``, ``trained``, ``init``; tensors on the CPU)."""
+    as sent (``download``, ``trained``, ``fold_mode``, ``init``; tensors on the CPU)."""
 
     config: Config
     method: str
@@ -71,6 +72,7 @@ class TrainRequest:
     client: int
     download: dict[str, torch.Tensor]
     trained: dict[str, list[int]]
+    fold_mode: str
     init: dict
 
     def plan(self, strategy: type[Strategy], template: Adapter) -> ClientPlan:
@@ -81,7 +83,7 @@ class TrainRequest:
         trained = {n: torch.tensor(idx, dtype=torch.int64, device=device) for n, idx in self.trained.items()}
         extra = {n[len("extra.") :]: t for n, t in download.items() if n.startswith("extra.")}
         adapter = strategy.client_adapter(download, self.init, template)
-        return ClientPlan(self.client, adapter, trained, extra, download, init=self.init)
+        return ClientPlan(self.client, adapter, trained, extra, download, init=self.init, fold_mode=self.fold_mode)
 
 
 def read_request(content: RecordDict) -> TrainRequest:
@@ -98,6 +100,7 @@ def read_request(content: RecordDict) -> TrainRequest:
         int(header["client"]),
         from_arrays(content["download"]),
         json.loads(header["trained"]),
+        str(header["fold_mode"]),
         json.loads(header["init"]),
     )
 

@@ -10,11 +10,16 @@ modules fold to nothing). The scale ``s`` is common to every module and client, 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 class Factors(NamedTuple):
@@ -22,6 +27,10 @@ class Factors(NamedTuple):
 
     a: torch.Tensor
     b: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        """``b @ a`` in fp32, ``[N, K]``: the layer's update before the scale ``s``."""
+        return self.b.float() @ self.a.float()
 
 
 Adapter = dict[str, Factors]
@@ -37,7 +46,8 @@ class ClientPlan:
     download: the tensors the server sends, as sent (traffic is counted from these);
     client_flops: preparation FLOPs at the client besides folding (FLoRA merging its stack);
     init: JSON-able values that, with ``download``, let a remote client rebuild ``adapter`` (see
-    ``Strategy.client_adapter``; FLoRA: the seed of its fresh modules).
+    ``Strategy.client_adapter``; FLoRA: the seed of its fresh modules);
+    fold_mode: how the client folds the modules it does not train (``plora.select_and_fold``'s mode).
     """
 
     client: int
@@ -47,6 +57,7 @@ class ClientPlan:
     download: dict[str, torch.Tensor]
     client_flops: float = 0.0
     init: dict = field(default_factory=dict)
+    fold_mode: str = "merge"
 
 
 @dataclass
@@ -69,11 +80,6 @@ class ClientUpdate:
             sent[f"{name}.b"] = b[:, idx]
         return {**sent, **{f"extra.{k}": v for k, v in self.extra.items()}}
 
-    def delta(self, name: str) -> torch.Tensor:
-        """``b @ a`` of layer ``name``: the client's full update (unscaled), fp32 ``[N, K]``."""
-        a, b = self.adapter[name]
-        return b.float() @ a.float()
-
 
 @dataclass
 class RoundResult:
@@ -88,8 +94,13 @@ class RoundResult:
     info: dict = field(default_factory=dict)
 
 
+@dataclass
+class NoOptions:
+    """The options of a method that has none."""
+
+
 class Strategy(ABC):
-    """A federated method. Holds the global adapter and head; the simulator calls, per round,
+    """A federated method. Holds the global adapter and head; a server calls, per round,
     ``configure_client`` for each sampled client and then ``aggregate`` on their updates.
 
     Args:
@@ -97,11 +108,18 @@ class Strategy(ABC):
         extra: the initial other trainable tensors (head), by parameter name.
         weighting: "data" (by local data size, the default) or "uniform", for averages over clients.
         seed: the run seed (module selection, re-initialisation).
+        options: the method's own options, the fields of its ``Options`` (validated there).
     """
 
     name: str = ""
+    #: The dataclass of the method's own options: the table ``[methods.<name>]`` of a run config.
+    Options: type = NoOptions
 
-    def __init__(self, adapter: Adapter, extra: dict[str, torch.Tensor], weighting: str = "data", seed: int = 0):
+    def __init__(self, adapter: Adapter, extra: dict[str, torch.Tensor], weighting: str = "data", seed: int = 0, **options):
+        known = [f.name for f in dataclasses.fields(self.Options)]
+        if set(options) - set(known):
+            raise TypeError(f"{self.name}: unknown options {sorted(set(options) - set(known))}; its options are {known}")
+        self.options = self.Options(**options)
         if weighting not in ("data", "uniform"):
             raise ValueError(f"weighting must be 'data' or 'uniform', got {weighting!r}")
         if not adapter:
@@ -112,6 +130,20 @@ class Strategy(ABC):
         self.seed = seed
         first = next(iter(self.adapter.values()))
         self.rank = first.a.shape[0]
+
+    @classmethod
+    def from_config(
+        cls, config: Config, adapter: Adapter, extra: dict[str, torch.Tensor], client_ranks: Sequence[int]
+    ) -> Strategy:
+        """The method as a run ``config`` sets it up: its weighting and seed, and the table
+        ``config.methods.<name>`` of options; ``client_ranks``: every client's rank budget."""
+        options = dataclasses.asdict(getattr(config.methods, cls.name))
+        return cls(adapter, extra, config.federation.weighting, config.run.seed, **options)
+
+    @property
+    def fold_mode(self) -> str:
+        """How clients fold the modules they do not train (``ClientPlan.fold_mode``)."""
+        return "merge"
 
     @abstractmethod
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
@@ -127,8 +159,7 @@ class Strategy(ABC):
 
     def global_delta(self, name: str) -> torch.Tensor:
         """The global model's update of layer ``name`` over the current base, unscaled, fp32 ``[N, K]``."""
-        a, b = self.adapter[name]
-        return b.float() @ a.float()
+        return self.adapter[name].delta()
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything later rounds depend on, for a checkpoint: tensors by name, and JSON-able values."""
@@ -213,10 +244,10 @@ class Strategy(ABC):
         client_flops: float = 0.0,
         init: dict | None = None,
     ) -> ClientPlan:
-        """A ``ClientPlan`` carrying the global head; ``download`` gets the head added."""
+        """A ``ClientPlan`` carrying the global head and the method's fold mode; ``download`` gets the head added."""
         extra = {n: t.clone() for n, t in self.extra.items()}
         download = {**download, **{f"extra.{n}": t for n, t in extra.items()}}
-        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {})
+        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode)
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -225,6 +256,14 @@ def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Te
     for w, t in zip(weights.tolist(), tensors):
         out += w * t.float()
     return out
+
+
+def stacked(updates: list[ClientUpdate], weights: torch.Tensor, name: str) -> Factors:
+    """``Σ p_i B_i A_i`` of layer ``name`` exactly, as one pair of fp32 factors: the trained rows of every
+    ``p_i A_i`` stacked, ``[Σ r_i, K]``, and the trained columns of every ``B_i``, ``[N, Σ r_i]`` (``weights``: the ``p_i``)."""
+    rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
+    cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
+    return Factors(torch.cat(rows), torch.cat(cols, dim=1))
 
 
 def first_modules(rank: int, total: int, device: torch.device) -> torch.Tensor:

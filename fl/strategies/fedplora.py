@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
+
+#: How a client may fold the modules it does not train (``plora.select_and_fold``).
+FOLD_MODES = ("merge", "exact")
+
+
+@dataclass
+class FedPLoRAOptions:
+    """``[methods.fedplora]``: ``fold_mode``, how a client folds the modules it does not train: "merge" into
+    its base weight (the default), or "exact" (kept as frozen terms of the fused op, the base untouched)."""
+
+    fold_mode: str = "merge"
+
+    def __post_init__(self) -> None:
+        if self.fold_mode not in FOLD_MODES:
+            raise ValueError(f"fold_mode must be one of {FOLD_MODES}, got {self.fold_mode!r}")
 
 
 def selection_seed(seed: int, rnd: int, client: int) -> int:
@@ -27,6 +44,11 @@ class FedPLoRA(Strategy):
     (weights by data size or uniform, renormalised per module); an untrained module keeps its value."""
 
     name = "fedplora"
+    Options = FedPLoRAOptions
+
+    @property
+    def fold_mode(self) -> str:
+        return self.options.fold_mode
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         first = next(iter(self.adapter.values()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..costs import product_flops, svd_flops
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, stacked
 
 
 class FlexLoRA(Strategy):
@@ -42,22 +42,18 @@ class FlexLoRA(Strategy):
         self.full, flops = {}, 0.0
         for name, (a, b) in self.adapter.items():
             n_out, k_in = b.shape[0], a.shape[1]
-            rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
-            cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
-            self.full[name] = Factors(torch.cat(rows), torch.cat(cols, dim=1))
-            delta = self.full[name].b @ self.full[name].a
-            u_mat, s_vec, vh = torch.linalg.svd(delta, full_matrices=False)
+            self.full[name] = stacked(updates, weights, name)
+            u_mat, s_vec, vh = torch.linalg.svd(self.full[name].delta(), full_matrices=False)
             kept = min(self.rank, len(s_vec))  # a layer with min(N, K) < R has fewer components: zero modules
             new_a, new_b = torch.zeros_like(a), torch.zeros_like(b)
             new_a[:kept] = vh[:kept].to(a.dtype)
             new_b[:, :kept] = (u_mat[:, :kept] * s_vec[:kept]).to(b.dtype)
             self.adapter[name] = Factors(new_a, new_b)
-            flops += sum(product_flops(n_out, k_in, len(r)) for r in rows) + svd_flops(n_out, k_in)
+            flops += sum(product_flops(n_out, k_in, len(u.trained[name])) for u in updates) + svd_flops(n_out, k_in)
         self.average_extra(updates, weights)
         return RoundResult(server_flops=flops)
 
     def global_delta(self, name: str) -> torch.Tensor:
         if self.full is None:
             return super().global_delta(name)
-        a, b = self.full[name]
-        return b @ a
+        return self.full[name].delta()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..costs import product_flops
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules, stacked
 
 
 class FLoRA(Strategy):
@@ -97,11 +97,7 @@ class FLoRA(Strategy):
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)
-        stack = {}
-        for name in self.adapter:
-            rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
-            cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
-            stack[name] = Factors(torch.cat(rows), torch.cat(cols, dim=1))
+        stack = {name: stacked(updates, weights, name) for name in self.adapter}
         self.stacks.append(stack)
         self.average_extra(updates, weights)
         self._fresh(rnd + 1)

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..costs import product_flops
 from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
+
+
+@dataclass
+class HetLoRAOptions:
+    """``[methods.hetlora]``: ``prune_gamma`` in (0, 1) turns rank self-pruning on; unset (None): off."""
+
+    prune_gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        gamma = self.prune_gamma
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < 1):
+            raise ValueError(f"prune_gamma must lie in (0, 1) or be unset, got {gamma!r}")
 
 
 class HetLoRA(Strategy):
@@ -21,12 +34,10 @@ class HetLoRA(Strategy):
     """
 
     name = "hetlora"
+    Options = HetLoRAOptions
 
-    def __init__(self, *args, prune_gamma: float | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if prune_gamma is not None and not 0 < prune_gamma < 1:
-            raise ValueError(f"hetlora prune_gamma must lie in (0, 1), got {prune_gamma}")
-        self.prune_gamma = prune_gamma
         self.pruned_rank: dict[int, int] = {}
         self._tail_norm: dict[int, tuple[int, float]] = {}
 
@@ -48,7 +59,7 @@ class HetLoRA(Strategy):
         fallback = self.client_weights(updates)
         flops = 0.0
         for name, (a, b) in self.adapter.items():
-            norms = torch.tensor([float(torch.linalg.matrix_norm(u.delta(name))) for u in updates], dtype=torch.float64)
+            norms = torch.tensor([float(torch.linalg.matrix_norm(u.adapter[name].delta())) for u in updates], dtype=torch.float64)
             flops += sum(product_flops(b.shape[0], a.shape[1], len(u.trained[name])) for u in updates)
             weights = norms / norms.sum() if norms.sum() > 0 else fallback
             self.adapter[name] = Factors(
@@ -56,20 +67,16 @@ class HetLoRA(Strategy):
                 weighted_sum([u.adapter[name].b for u in updates], weights).to(b.dtype),
             )
         self.average_extra(updates, fallback)
-        if self.prune_gamma is not None:
+        if self.options.prune_gamma is not None:
             self._self_prune(updates)
         return RoundResult(server_flops=flops, info={"pruned_ranks": dict(self.pruned_rank)})
 
     def _self_prune(self, updates: list[ClientUpdate]) -> None:
         for u in updates:
             r = len(next(iter(u.trained.values())))
-            keep = max(1, math.floor(self.prune_gamma * r))
-            tail = (
-                sum(
-                    float(torch.linalg.matrix_norm(f.b[:, keep:r].float() @ f.a[keep:r].float())) ** 2 for f in u.adapter.values()
-                )
-                ** 0.5
-            )
+            keep = max(1, math.floor(self.options.prune_gamma * r))
+            norms = [float(torch.linalg.matrix_norm(Factors(f.a[keep:r], f.b[:, keep:r]).delta())) for f in u.adapter.values()]
+            tail = sum(n**2 for n in norms) ** 0.5
             previous = self._tail_norm.get(u.client)
             if previous is not None and previous[0] == r and tail < previous[1] and keep < r:
                 self.pruned_rank[u.client] = keep

@@ -88,12 +88,12 @@ class FaultyClients:
 
         self.fit, self.faults, self.calls = fit, faults, 0
 
-    def __call__(self, model, plan, features, fold_mode, **train):
+    def __call__(self, model, plan, features, **train):
         fault = self.faults.get(self.calls)
         self.calls += 1
         if fault == "raise":
             raise RuntimeError("CUDA out of memory (planted)")
-        update, stats = self.fit(model, plan, features, fold_mode, **train)
+        update, stats = self.fit(model, plan, features, **train)
         name = next(iter(update.adapter))
         a, b = update.adapter[name]
         idx = plan.trained[name]
@@ -128,7 +128,7 @@ def _run(tiny_models, tmp_path, method, faults, rounds, *overrides):
 
 def test_planted_faults_are_logged_and_rounds_complete(tiny_models, tmp_path, caplog):
     faults = {0: "raise", 1: "nan", 3: "inf", 4: "shape", 5: "extra", 8: "huge"}
-    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.server"):
+    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.rounds"):
         records, checkpoints = _run(tiny_models, tmp_path, "fedplora", faults, 3)
     assert [r["round"] for r in records] == [1, 2, 3] and all("eval_matthews" in r for r in records)
     logged = [(f["client"], f["stage"], f["reason"]) for r in records for f in r["faults"]]
@@ -145,7 +145,7 @@ def test_planted_faults_are_logged_and_rounds_complete(tiny_models, tmp_path, ca
     assert "non-finite values (NaN)" in reasons[1] and "non-finite values (Inf)" in reasons[2]
     assert "got (4, 31)" in reasons[3] and "unexpected ['bert.pooler.dense.weight']" in reasons[4]
     assert "exceeds the bound" in reasons[5]
-    ours = [r.getMessage() for r in caplog.records if r.name == "fed_plora.fl.server"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "fed_plora.fl.rounds"]
     assert len(ours) == 6 and ours[0] == "fedplora round 1: client 0 dropped: RuntimeError: CUDA out of memory (planted)"
     # Round 1 aggregates client 2 alone; round 2 has no valid update: the global state stays as it was.
     assert len(records[0]["ranks"]) == 1 and math.isfinite(records[0]["train_loss"])

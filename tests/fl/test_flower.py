@@ -5,6 +5,7 @@
 - In-process (a Grid that hands messages straight to the ClientApp): faults on the wire (an error
   reply, a malformed upload, no reply) drop the client with the reason logged; the run goes on.
 - The Flower App's run config is the main config, field for field.
+- ``FlowerStrategy`` takes one of our strategies with the run's config, or a server that drives one.
 """
 
 import json
@@ -19,12 +20,13 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 
-from fed_plora.fl.config import load_config  # noqa: E402
+from fed_plora.fl import Server, load_config  # noqa: E402
+from fed_plora.fl.flower import FlowerStrategy, config_from_run_config, run_on_flower  # noqa: E402
 from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
-from fed_plora.fl.flower.server_app import TIMEOUTS, config_from_run_config, run_on_flower  # noqa: E402
+from fed_plora.fl.flower.server_app import TIMEOUTS  # noqa: E402
 from fed_plora.fl.flower.wire import from_arrays, to_arrays  # noqa: E402
 from fed_plora.fl.storage import read_jsonl  # noqa: E402
-from fed_plora.fl.strategies import STRATEGIES  # noqa: E402
+from fed_plora.fl.strategies import STRATEGIES, Factors, FedPLoRA  # noqa: E402
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
@@ -148,6 +150,24 @@ def test_flower_app_run_config_is_the_main_config():
     main = load_config(REPO_ROOT / "configs" / "cola_minilm.toml").to_dict()
     flower["run"]["name"] = main["run"]["name"]
     assert flower == main
-    listed = {f"{section}.{key}" for section, table in main.items() for key in table}
-    assert set(run_config) == listed, "every config field is listed, so that --run-config can override it"
+    assert set(run_config) == set(fields(main)), "every config field is listed, so that --run-config can override it"
     assert json.loads(run_config["methods.names"]) == main["methods"]["names"]
+
+
+def fields(table: dict, prefix: str = "") -> list[str]:
+    """The dotted names of a config dict's fields (``"methods.fedit.client_rank"``)."""
+    names = []
+    for key, value in table.items():
+        names += fields(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return names
+
+
+def test_flower_strategy_takes_a_strategy_with_its_config_or_a_server():
+    adapter = {"l": Factors(torch.ones(2, 3), torch.zeros(4, 2))}
+    config = load_config(None, ["federation.clients=2", "model.rank=2", "federation.rank_choices=[1, 2]"])
+    flower = FlowerStrategy(FedPLoRA(adapter, {}), config)
+    assert flower.server.method == "fedplora" and len(flower.server.client_ranks) == 2
+    with pytest.raises(TypeError, match="needs the run's config"):
+        FlowerStrategy(FedPLoRA(adapter, {}))
+    with pytest.raises(TypeError, match="a Server has its own"):
+        FlowerStrategy(Server(FedPLoRA(adapter, {}), config, [1, 2]), config)

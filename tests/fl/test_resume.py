@@ -10,9 +10,10 @@ import time
 
 import pytest
 import torch
-from helpers import DATA, needs_data, stable
+from helpers import DATA, needs_data, stable, tiny_config
 from safetensors.torch import load_file
 
+from fed_plora.fl import resume_experiment, run_experiment
 from fed_plora.fl.checkpoint import capture_rng, restore_rng
 from fed_plora.fl.storage import append_jsonl, read_jsonl
 from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
@@ -53,7 +54,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
         f'[model]\nname = "{tiny_models / "bert"}"\nrank = 4\nalpha = 8.0\n'
         f'[task]\ndata_dir = "{DATA}"\nmax_train_examples = 48\nmax_eval_examples = 8\nmax_length = 16\n'
         '[federation]\nclients = 3\nfraction = 0.67\nrounds = 3\nrank_scheme = "cycle"\nrank_choices = [1, 2, 4]\n'
-        "[train]\nlocal_steps = 1\nbatch_size = 4\neval_batch_size = 8\n[methods]\nhetlora_prune_gamma = 0.5\n"
+        "[train]\nlocal_steps = 1\nbatch_size = 4\neval_batch_size = 8\n[methods.hetlora]\nprune_gamma = 0.5\n"
     )
     args = ["run", "--config", str(config), "--out-dir", str(tmp_path), "--no-progress"]
     # 2 clients per round, 3 rounds per method: training call 15 is FLoRA's round 2, second client.
@@ -88,6 +89,22 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
         a, b = (load_file(tmp_path / name / "checkpoints" / f) for name, f in zip(("killed", "straight"), files))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
         assert sorted(p.name for p in (run / "checkpoints").glob(f"{method}.round*")) == [f"{method}.round3.safetensors"]
+
+
+def test_resume_reads_a_run_written_before_the_method_tables(tiny_models, tmp_path):
+    """A run directory whose config.json has the old flat method options resumes as an uninterrupted run."""
+    options = ('methods.names=["hetlora", "fedit"]', "methods.hetlora.prune_gamma=0.5", "methods.fedit.client_rank=2")
+    straight, _ = run_experiment(tiny_config(tiny_models, tmp_path, 'run.name="straight"', *options), progress=False)
+    old, _ = run_experiment(tiny_config(tiny_models, tmp_path, 'run.name="old"', "federation.rounds=1", *options), progress=False)
+    saved = json.loads((old / "config.json").read_text())
+    saved["methods"] = {"names": saved["methods"]["names"], "fold_mode": "merge", "fedit_rank": 2, "hetlora_prune_gamma": 0.5}
+    saved["federation"]["rounds"] = 2
+    (old / "config.json").write_text(json.dumps(saved))
+    resume_experiment(old, progress=False)
+    ours, theirs = (
+        sorted(stable(read_jsonl(d / "metrics.jsonl")), key=lambda r: (r["method"], r["round"])) for d in (old, straight)
+    )
+    assert ours == theirs
 
 
 def test_jsonl_reader_skips_a_torn_last_line(tmp_path):

@@ -1,0 +1,151 @@
+"""The rounds of one strategy, wherever its clients train (in this process, on Flower, anywhere else).
+
+A ``Server`` samples each round's clients and asks its strategy for their plans (``plan_round``), then takes
+back one ``ClientResult`` per planned client (``finish_round``): it checks every update against its plan,
+lets the strategy aggregate the valid ones and keeps the round's record. Everything random is seeded from
+the run seed, the round and the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint, capture_rng, restore_rng
+from .client import TrainStats
+from .config import Config
+from .partition import sample_clients
+from .strategies import ClientPlan, ClientUpdate, RoundResult, Strategy
+from .validate import RejectedUpdate, validate_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundPlan:
+    """A round as configured: the sampled clients and their plans (same order); ``global_delta``: the
+    global update ``ΔW`` per layer before the round (unscaled, fp32 ``[N, K]``), where a server measures
+    initialisation noise against it."""
+
+    rnd: int
+    clients: list[int]
+    plans: list[ClientPlan]
+    global_delta: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ClientResult:
+    """What came of one planned client: its update and training stats, or the error that dropped it.
+
+    seconds: wall time of the client's whole round (preparation and training) where it ran;
+    wire: extra per-client cost fields averaged into the record like the others (Flower's bytes).
+    """
+
+    update: ClientUpdate | None = None
+    stats: TrainStats | None = None
+    error: Exception | None = None
+    seconds: float = 0.0
+    wire: dict[str, float] = field(default_factory=dict)
+
+
+class Server:
+    """``strategy``'s rounds under ``config`` (``run.seed``; ``federation.clients``, ``fraction`` and
+    ``update_norm_bound``), ``client_ranks[c]`` being client ``c``'s rank budget.
+
+    ``resume``: continue from that checkpoint of the same run (strategy state, records and RNGs restored).
+    """
+
+    def __init__(self, strategy: Strategy, config: Config, client_ranks: Sequence[int], resume: Checkpoint | None = None):
+        if len(client_ranks) != config.federation.clients:
+            raise ValueError(f"client_ranks: expected one per client ({config.federation.clients}), got {len(client_ranks)}")
+        self.strategy, self.config, self.client_ranks = strategy, config, list(client_ranks)
+        self.records: list[dict] = []
+        if resume is not None:
+            strategy.load_state(resume.tensors, resume.meta)
+            self.records = list(resume.records)
+            restore_rng(resume.rng)
+
+    @property
+    def method(self) -> str:
+        return self.strategy.name
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.records)
+
+    def plan_round(self) -> RoundPlan:
+        """Sample the next round's clients and configure each."""
+        rnd, fcfg = self.rounds_done, self.config.federation
+        clients = sample_clients(fcfg.clients, fcfg.fraction, np.random.default_rng([self.config.run.seed, rnd]))
+        plans = [self.strategy.configure_client(rnd, c, self.client_ranks[c]) for c in clients]
+        return RoundPlan(rnd, clients, plans)
+
+    def finish_round(self, planned: RoundPlan, results: list[ClientResult]) -> dict:
+        """Validate the results (one per planned client, same order), aggregate the valid ones and return
+        the round's record (also appended to ``records``). A round left with no valid update keeps the
+        global state unchanged."""
+        accepted, faults = self.screen(planned, results)
+        aggregated = self.aggregate(planned.rnd, [result.update for _, result in accepted])
+        record = {**self.participation(planned, accepted), "faults": faults, **round_info(aggregated)}
+        self.records.append(record)
+        return record
+
+    def screen(self, planned: RoundPlan, results: list[ClientResult]) -> tuple[list[tuple[ClientPlan, ClientResult]], list[dict]]:
+        """``(accepted, faults)``: the results whose update passed ``validate_update`` with their plans,
+        and a log entry for each client that failed or was rejected."""
+        if len(results) != len(planned.plans):
+            raise ValueError(f"results: expected one per planned client ({len(planned.plans)}), got {len(results)}")
+        accepted, faults = [], []
+        for plan, result in zip(planned.plans, results):
+            error = result.error
+            if error is None:
+                try:
+                    validate_update(plan, result.update, self.config.federation.update_norm_bound)
+                except Exception as rejected:  # a bad update is rejected, never the run
+                    error = rejected
+            if error is None:
+                accepted.append((plan, result))
+            else:
+                faults.append(self._fault(planned.rnd, plan.client, error))
+        return accepted, faults
+
+    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult | None:
+        """The strategy's aggregation of the round's valid ``updates``; None when there is none."""
+        return self.strategy.aggregate(rnd, updates) if updates else None
+
+    def participation(self, planned: RoundPlan, accepted: list[tuple[ClientPlan, ClientResult]]) -> dict:
+        """The head of a round's record: method, round, sampled clients, the ranks trained and the mean
+        training loss (weighted by data size) of the accepted clients."""
+        updates = [result.update for _, result in accepted]
+        losses = [result.stats.loss for _, result in accepted]
+        return {
+            "method": self.method,
+            "round": planned.rnd + 1,
+            "clients": planned.clients,
+            "ranks": [len(next(iter(u.trained.values()))) for u in updates],
+            "train_loss": float(np.average(losses, weights=[u.num_examples for u in updates])) if updates else None,
+        }
+
+    def checkpoint(self) -> Checkpoint:
+        """The state after the rounds done so far (strategy, RNGs, records)."""
+        tensors, meta = self.strategy.state()
+        return Checkpoint(self.method, self.rounds_done, tensors, meta, capture_rng(), self.records)
+
+    def _fault(self, rnd: int, client: int, error: Exception) -> dict:
+        """The log entry of a dropped client (its fit raised) or a rejected update (validation failed)."""
+        stage = "validate" if isinstance(error, RejectedUpdate) else "fit"
+        reason = str(error) if stage == "validate" else f"{type(error).__name__}: {error}"
+        what = "update rejected" if stage == "validate" else "dropped"
+        log.warning("%s round %d: client %d %s: %s", self.method, rnd + 1, client, what, reason)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        return {"client": client, "stage": stage, "reason": reason}
+
+
+def round_info(aggregated: RoundResult | None) -> dict:
+    """``{"info": …}`` when the aggregation reported anything, else nothing."""
+    return {"info": aggregated.info} if aggregated is not None and aggregated.info else {}

@@ -1,0 +1,50 @@
+"""The run config: each method's options as a table of its own, set from a file, ``--set`` or a dict, checked
+with errors that name the field; a ``config.json`` written before the tables still reads."""
+
+import pytest
+
+from fed_plora.fl import Config, load_config
+from fed_plora.fl.config import toml_literal
+from fed_plora.fl.strategies import STRATEGIES
+
+
+def test_method_tables_from_a_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[methods]\nnames = ["fedit"]\n[methods.fedplora]\nfold_mode = "exact"\n[methods.hetlora]\nprune_gamma = 0.5\n'
+    )
+    config = load_config(path, ["methods.fedit.client_rank=4"])
+    assert config.methods.fedplora.fold_mode == "exact" and config.methods.hetlora.prune_gamma == 0.5
+    assert config.methods.fedit.client_rank == 4 and config.methods.names == ["fedit"]
+    assert Config.from_dict(config.to_dict()) == config
+    assert set(config.to_dict()["methods"]) == {"names", *STRATEGIES}
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("methods.fedit.client_rank=0", ValueError, "methods.fedit: client_rank must be a positive integer"),
+        ('methods.fedit.client_rank="4"', ValueError, "methods.fedit: client_rank must be a positive integer"),
+        ('methods.fedplora.fold_mode="fold"', ValueError, "methods.fedplora: fold_mode must be one of"),
+        ("methods.hetlora.prune_gamma=1.5", ValueError, r"methods.hetlora: prune_gamma must lie in \(0, 1\)"),
+        ("methods.flora.rank=2", KeyError, r"unknown key methods.flora.rank; keys of \[methods.flora\] are \[\]"),
+        ("methods.fedplora=1", TypeError, "methods.fedplora is a table"),
+        ("methods.names.first=1", KeyError, "methods.names is a value, not a table"),
+        ('methods.fold_mode="exact"', KeyError, "methods.fold_mode is now methods.fedplora.fold_mode"),
+    ],
+)
+def test_bad_method_options_name_the_field(override, error, message):
+    with pytest.raises(error, match=message):
+        load_config(None, [override])
+
+
+def test_a_config_json_from_before_the_method_tables_reads():
+    old = {"methods": {"names": ["fedit"], "fold_mode": "exact", "fedit_rank": 2, "hetlora_prune_gamma": None}}
+    config = Config.from_dict(old)
+    assert config.methods.fedplora.fold_mode == "exact" and config.methods.fedit.client_rank == 2
+    assert config.methods.hetlora.prune_gamma is None
+
+
+def test_toml_literal_round_trips():
+    for value in ['a "quoted" \\ path', [1, 2], 0.5, ["x", "y"]]:
+        assert load_config(None, [f"model.target_modules={toml_literal(value)}"]).model.target_modules == value
