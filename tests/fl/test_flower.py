@@ -5,9 +5,11 @@
 - In-process (a Grid that hands messages straight to the ClientApp): faults on the wire (an error
   reply, a malformed upload, no reply) drop the client with the reason logged; the run goes on.
 - The Flower App's run config is the main config, field for field.
-- ``FlowerStrategy`` takes one of our strategies with the run's config, or a server that drives one.
+- ``FlowerStrategy`` takes one of our strategies as such: the example ServerApp of one's own
+  (``docs/examples/flower_server_app.py``) trains ``FedPLoRA`` exactly as the simulator does.
 """
 
+import importlib.util
 import json
 
 import pytest
@@ -19,8 +21,10 @@ flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed (pi
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from fed_plora.fl import Server, load_config  # noqa: E402
+from fed_plora.fl.checkpoint import load_checkpoint  # noqa: E402
 from fed_plora.fl.flower import FlowerStrategy, config_from_run_config, run_on_flower  # noqa: E402
 from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
 from fed_plora.fl.flower.server_app import TIMEOUTS  # noqa: E402
@@ -160,6 +164,26 @@ def fields(table: dict, prefix: str = "") -> list[str]:
     for key, value in table.items():
         names += fields(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
     return names
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_example_server_app_trains_fedplora_as_our_simulator(tiny_models, tmp_path, server_identity):
+    spec = importlib.util.spec_from_file_location("flower_server_app", REPO_ROOT / "docs" / "examples" / "flower_server_app.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    config = tiny_config(tiny_models, tmp_path, 'methods.names=["fedplora"]', "federation.rounds=3")
+    out = tmp_path / "adapter.safetensors"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    example.server_app(config, str(out))(LocalGrid(3), context)
+    local = load_checkpoint(
+        simulated(tiny_config(tiny_models, tmp_path, 'methods.names=["fedplora"]', "federation.rounds=3"), "local")
+        / "checkpoints",
+        "fedplora",
+    )
+    theirs = load_file(out)
+    assert theirs.keys() == local.tensors.keys()
+    assert all(torch.equal(theirs[k], local.tensors[k]) for k in theirs)
+    assert any(theirs[k].any() for k in theirs if k.endswith(".b"))  # trained: B moved from zero
 
 
 def test_flower_strategy_takes_a_strategy_with_its_config_or_a_server():
