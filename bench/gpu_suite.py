@@ -5,6 +5,7 @@ NF4 forward, a training step and the main federated command, each beside its ref
     python -m bench.gpu_suite --parts b,c,a        # some parts, in this order (a..f)
     python -m bench.gpu_suite --smoke              # every part on tiny shapes through the Triton interpreter (CPU)
     python -m bench.gpu_suite --fl-data DIR --fl-model DIR   # part f: task files (layout of shared/data), MiniLM
+    python -m bench.gpu_suite --budget-s 480       # parts that would start after 480 s are skipped (recorded)
 
 It writes ``gpu_suite.json`` (environment, plan, and per part: ``ok`` / ``error`` (with the traceback) /
 ``skipped`` (with the reason), seconds, rows, ratios beside their targets) and ``gpu_suite.log`` (all output,
@@ -48,6 +49,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ElementTree
@@ -184,23 +186,34 @@ class Tee:
 
 
 def run_subprocess(command: list[str], timeout_s: float, env: dict | None = None) -> dict:
-    """Run ``command`` in the checkout (its own process group, killed whole at the timeout); its output goes
-    to the log. Returns the exit code (None on timeout), seconds and the output's last 4000 characters."""
+    """Run ``command`` in the checkout (its own process group, killed whole at the timeout), its output streamed
+    to the console and the log. Returns the exit code (None when killed), seconds and the output's last 4000
+    characters."""
     print("$ " + " ".join(command), flush=True)
     start = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        output, _ = process.communicate(timeout=timeout_s)
-        code = process.returncode
+        code = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        process.wait()
         code = None
-        output += f"\n[killed after {timeout_s:.0f} s]\n"
-    print(output, flush=True)
-    return {"returncode": code, "seconds": time.perf_counter() - start, "output_tail": output[-4000:]}
+    reader.join(timeout=30)
+    if code is None:
+        lines.append(f"[killed after {timeout_s:.0f} s]\n")
+        print(lines[-1], end="", flush=True)
+    return {"returncode": code, "seconds": time.perf_counter() - start, "output_tail": "".join(lines)[-4000:]}
 
 
 def measure(plan: Plan) -> Callable[[Callable[[], object]], float]:
@@ -249,8 +262,8 @@ def kernel_tests(plan: Plan) -> dict:
         command = [sys.executable, "-m", "pytest", *plan.pytest_targets, "-q", "-p", "no:cacheprovider", "-m", "not slow"]
         command += ["-rfE", f"--junitxml={junit}"]
         if not plan.smoke and importlib.util.find_spec("xdist") is not None:
-            command += ["-n", "4"]  # compiles and autotuning of independent tests in parallel
-        result = run_subprocess(command, plan.pytest_timeout_s, env=dict(os.environ))
+            command += ["-n", "8"]  # compiles and autotuning of independent tests in parallel (16 cores there)
+        result = {"command": " ".join(command[1:]), **run_subprocess(command, plan.pytest_timeout_s, env=dict(os.environ))}
         result.update(junit_summary(junit) if junit.exists() else {"junit": "missing (killed or crashed)"})
     result["passed_all"] = result["returncode"] == 0
     return result
@@ -677,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out or os.environ.get("OUT") or REPO / "bench" / "results" / f"gpu_suite-{env['device'].replace(' ', '-').lower()}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / "gpu_suite.log").open("w")
+    log = (out / "gpu_suite.log").open("w", buffering=1)  # line-buffered: a run killed midway keeps its log
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = Tee(stdout, log), Tee(stderr, log)
     start = time.perf_counter()
