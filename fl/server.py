@@ -50,7 +50,7 @@ class FederatedServer(Server):
         self.head_params = sum(t.numel() for t in extra.values())
         self.frozen_params = linear_weight_count(model) - self.head_params
         self.shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in adapter.items()}
-        for update in self.strategy.merged_updates() if resume is not None else []:
+        for update in self.strategy.merged_updates():  # a resumed FLoRA's stacks; none for a fresh strategy
             plora.merge_into_base(model, update)
 
     def plan_round(self) -> RoundPlan:
