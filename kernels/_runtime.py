@@ -18,10 +18,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Dtypes every kernel accepts for activations, weights and adapters.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: Launch arguments that carry an index set (its pointer and length). Triton would specialise an int on
-#: being 1 or a multiple of 16, and a pointer on its alignment; kernels declare these
+#: Launch arguments that carry an index set: its pointer, its length ``r`` and the number of modules ``R``
+#: it indexes (kernels skip an index outside ``[0, R)`` rather than read out of bounds). Triton would
+#: specialise an int on being 1 or a multiple of 16, and a pointer on its alignment; kernels declare these
 #: ``do_not_specialize``, so no index set ever triggers a compile.
-ACTIVE_SET_ARGS = ["idx_ptr", "r"]
+ACTIVE_SET_ARGS = ["idx_ptr", "r", "R"]
 
 #: Launch arguments that only key the autotuner (``M_BUCKET = token_bucket(M)``): kernels never read them and
 #: declare them ``do_not_specialize``, so they select a tuned config but never a compile.

@@ -16,6 +16,16 @@ def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: t
 
 
 @triton.jit
+def load_modules(idx_ptr, r, R, P: tl.constexpr):
+    """``(modules, valid)``, both ``[P]``: the first ``r`` entries of the contiguous index array at ``idx_ptr``
+    (int64, 0 beyond ``r``) and which of them to use. Indices are checked on the host before a launch; an
+    index outside ``[0, R)`` (a promise broken after the check) is skipped, never read out of bounds."""
+    offs_p = tl.arange(0, P)
+    modules = tl.load(idx_ptr + offs_p, mask=offs_p < r, other=0).to(tl.int64)
+    return modules, (offs_p < r) & (modules >= 0) & (modules < R)
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """fp32 ``x`` rounded to nearest-even in ``dtype``. The interpreter truncates fp32 -> bf16, so there
     (``UPCAST``) bf16 rounding is done on the bit pattern first, which makes the final cast exact."""
@@ -39,17 +49,17 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit
 def add_low_rank_slab(
-    acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+    acc, t_ptr, g_ptr, idx_ptr, r, R, slab_scale, offs_m, offs_n, mask_m, mask_n,
     stride_tm, stride_g_idx, stride_g_n,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """``acc + slab_scale · t[offs_m, :P] @ G_act[:, offs_n]``: the low-rank term as one extra K-slab.
 
-    ``t`` is fp32 ``[M, P]``; module ``p < r`` of ``G`` is the vector at ``g_ptr + idx[p] * stride_g_idx``.
+    ``t`` is fp32 ``[M, P]``; module ``p < r`` of ``G`` (``R`` modules) is the vector at
+    ``g_ptr + idx[p] * stride_g_idx``.
     """
     offs_p = tl.arange(0, P)
-    active = offs_p < r
-    rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    rows, active = load_modules(idx_ptr, r, R, P)
     t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
     g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
     return tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)

@@ -15,13 +15,13 @@ import triton
 import triton.language as tl
 
 from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kernel
-from .._tl import round_to
+from .._tl import load_modules, round_to
 
 
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _fold_kernel(
     w_ptr, a_ptr, b_ptr, idx_ptr,
-    N, K, r, scale,
+    N, K, r, R, scale,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -30,11 +30,9 @@ def _fold_kernel(
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, P)
     mask_n = offs_n < N
     mask_k = offs_k < K
-    active = offs_p < r
-    modules = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    modules, active = load_modules(idx_ptr, r, R, P)
     b = tl.load(
         b_ptr + offs_n[:, None] * stride_bn + modules[None, :] * stride_br,
         mask=mask_n[:, None] & active[None, :],
@@ -72,7 +70,7 @@ def fold_launch(
     with device_guard(weight):
         _fold_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             weight, lora_a, lora_b, indices,
-            n, k, indices.numel(), scale,
+            n, k, indices.numel(), lora_a.shape[0], scale,
             weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             P=bucket, UPCAST=upcast_in_kernel(weight.dtype),
             DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",

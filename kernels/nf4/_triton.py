@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kernel
-from .._tl import round_to
+from .._tl import load_modules, round_to
 
 _TINY = tl.constexpr(1e-38)  # absmax floor for the reciprocal, as bitsandbytes clamps it
 
@@ -114,7 +114,7 @@ def _quantize_absmax_kernel(
 def _fold_kernel(
     packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, bounds_ptr, new_absmax_ptr,
     a_ptr, b_ptr, idx_ptr,
-    N, K, r, scale,
+    N, K, r, R, scale,
     stride_ar, stride_ak, stride_bn, stride_br,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, P: tl.constexpr,
     W_DTYPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -128,9 +128,7 @@ def _fold_kernel(
     mask = mask_n[:, None] & (cols < K)[None, :]
 
     # Low-rank term of the tile, separately for even and odd columns: [BLOCK_N, P] @ [P, BLOCK_K / 2].
-    offs_p = tl.arange(0, P)
-    active = offs_p < r
-    modules = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    modules, active = load_modules(idx_ptr, r, R, P)
     b = tl.load(
         b_ptr + offs_n[:, None] * stride_bn + modules[None, :] * stride_br, mask=mask_n[:, None] & active[None, :], other=0.0
     )
@@ -244,7 +242,7 @@ def fold(nf4, lora_a, lora_b, indices, bucket: int, scale: float, new_absmax: to
         _fold_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             nf4.packed, nf4.absmax, *_nested_args(nf4), nf4.code, midpoints(nf4.code), new_absmax,
             lora_a, lora_b, indices,
-            n, k, indices.numel(), scale,
+            n, k, indices.numel(), lora_a.shape[0], scale,
             lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
             BLOCKSIZE=nf4.blocksize, NESTED=nf4.nested, BLOCKSIZE2=nf4.blocksize2, P=bucket,
             W_DTYPE=_TL_DTYPE[nf4.dtype], UPCAST=upcast_in_kernel(nf4.dtype),

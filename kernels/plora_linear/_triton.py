@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import ACTIVE_SET_ARGS, INTERPRET, TUNING_ARGS, autotune_configs, device_guard, token_bucket, upcast_in_kernel
-from .._tl import add_low_rank_slab, grouped_tile, load_tile, store_output_tile
+from .._tl import add_low_rank_slab, grouped_tile, load_modules, load_tile, store_output_tile
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -52,7 +52,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
 def _shrink_kernel(
     x_ptr, g_ptr, idx_ptr, t_ptr,
-    M, K, r, scale,
+    M, K, r, R, scale,
     stride_xm, stride_xk, stride_g_idx, stride_g_k, stride_tm,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -60,8 +60,7 @@ def _shrink_kernel(
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P)
-    active = offs_p < r
-    rows = tl.load(idx_ptr + offs_p, mask=active, other=0).to(tl.int64)
+    rows, active = load_modules(idx_ptr, r, R, P)
     mask_m = offs_m < M
     acc = tl.zeros((BLOCK_M, P), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -81,7 +80,7 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
     with device_guard(x):
         _shrink_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
             x, g, active, t,
-            m, k, active.numel(), scale,
+            m, k, active.numel(), g.shape[g_rows_dim], scale,
             x.stride(0), x.stride(1), stride_g_idx, stride_g_k, t.stride(0),
             P=bucket, UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         )  # fmt: skip
@@ -114,7 +113,7 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TUNING_ARGS)
 def _gemm_with_slab_kernel(
     x_ptr, w_ptr, t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
-    M, N, K, r, slab_scale, M_BUCKET,
+    M, N, K, r, R, slab_scale, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_g_idx, stride_g_n, stride_ym, stride_yn,
     P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -130,7 +129,7 @@ def _gemm_with_slab_kernel(
 
     if HAS_SLAB:  # seed the accumulator with the low-rank term
         acc = add_low_rank_slab(
-            acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+            acc, t_ptr, g_ptr, idx_ptr, r, R, slab_scale, offs_m, offs_n, mask_m, mask_n,
             stride_tm, stride_g_idx, stride_g_n, P, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
@@ -167,7 +166,7 @@ def gemm_with_slab(
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         ](
             x, w, t if t is not None else x, g, active, bias if bias is not None else x, y,
-            m, n, k, active.numel(), slab_scale, token_bucket(m),
+            m, n, k, active.numel(), g.shape[g_rows_dim], slab_scale, token_bucket(m),
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
             t.stride(0) if t is not None else 0, g.stride(g_rows_dim), g.stride(1 - g_rows_dim),
             y.stride(0), y.stride(1),

@@ -48,7 +48,7 @@ BLOCK_K = 64
 def _gemm_nf4_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
-    M, N, K, r, slab_scale, M_BUCKET,
+    M, N, K, r, R, slab_scale, M_BUCKET,
     stride_xm, stride_xk, stride_tm, stride_g_idx, stride_g_n, stride_ym, stride_yn,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, W_DTYPE: tl.constexpr, W_UPCAST: tl.constexpr,
     P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -66,7 +66,7 @@ def _gemm_nf4_kernel(
 
     if HAS_SLAB:  # seed the accumulator with the low-rank term
         acc = add_low_rank_slab(
-            acc, t_ptr, g_ptr, idx_ptr, r, slab_scale, offs_m, offs_n, mask_m, mask_n,
+            acc, t_ptr, g_ptr, idx_ptr, r, R, slab_scale, offs_m, offs_n, mask_m, mask_n,
             stride_tm, stride_g_idx, stride_g_n, P, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
@@ -110,7 +110,7 @@ def gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale: float, bias):
         _gemm_nf4_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
             x, nf4.packed, nf4.absmax, absmax2, code2, offset, nf4.code,
             t if t is not None else x, g, active, bias if bias is not None else x, y,
-            m, n, k, active.numel(), slab_scale, token_bucket(m),
+            m, n, k, active.numel(), g.shape[1], slab_scale, token_bucket(m),
             x.stride(0), x.stride(1), t.stride(0) if t is not None else 0, g.stride(1), g.stride(0),
             y.stride(0), y.stride(1),
             BLOCKSIZE=nf4.blocksize, NESTED=nf4.nested, BLOCKSIZE2=nf4.blocksize2, W_DTYPE=_TL_DTYPE[nf4.dtype],
