@@ -85,14 +85,25 @@ def check_adapters(
     return r
 
 
-# Index tensors already validated: id -> (weakref, version counter, rank). A module's index tensor is
-# normally reused step after step, so its values are read back (a device-to-host copy) only the first
-# time, and again after an in-place change bumps its version counter.
+# CUDA index tensors already validated: id -> (weakref, version counter, rank). A module's index tensor is
+# normally reused step after step, so its values are read back (a device-to-host copy and a sync) only the
+# first time, and again after an in-place change bumps its version counter. CPU index tensors are never
+# cached: reading them costs no sync, and a cache could not see a change made through ``.numpy()``.
 _VALIDATED_INDICES: dict[int, tuple[weakref.ref, int, int]] = {}
 
 
 def check_indices(name: str, indices, rank: int, device: torch.device, like: str = "x") -> torch.Tensor:
-    """A 1-D integer tensor on ``device`` (that of ``like``) of distinct module indices in ``[0, rank)``."""
+    """A 1-D integer tensor on ``device`` (that of ``like``) of distinct module indices in ``[0, rank)``,
+    with any strides. Returns the tensor the kernels must read: ``indices`` itself when contiguous, else a
+    contiguous copy (made on the device, no sync); kernels read index tensors as contiguous arrays.
+
+    The values are read as the tensor really is (views and strides included). A CPU tensor is checked on
+    every call. A CUDA tensor is checked once per tensor object and version counter (the read back to the
+    host is a sync): an in-place change through torch bumps the counter and is checked again, but a change
+    that bypasses it (``.data``, DLPack, raw pointers, another process) is not seen, and it is the caller's
+    duty not to write invalid indices that way. Even then the kernels never read or write out of bounds:
+    they skip an index outside ``[0, rank)`` (a broken promise gives wrong values, never corrupt memory).
+    """
     check_tensor(name, indices, ndim=1)
     if indices.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of module indices, got dtype {indices.dtype}")
@@ -100,18 +111,26 @@ def check_indices(name: str, indices, rank: int, device: torch.device, like: str
         raise ValueError(f"{name} must be on {device} (the device of {like}), got {indices.device}")
     if indices.numel() > rank:
         raise ValueError(f"{name} has {indices.numel()} entries but there are only R = {rank} modules")
-    cached = _VALIDATED_INDICES.get(id(indices))
-    if cached is not None and cached[0]() is indices and cached[1] == indices._version and cached[2] == rank:
-        return indices
-    if indices.numel():
-        values = indices.detach().to("cpu", torch.int64)
-        low, high = int(values.min()), int(values.max())
+    cache = indices.device.type != "cpu"
+    if cache:
+        cached = _VALIDATED_INDICES.get(id(indices))
+        if cached is not None and cached[0]() is indices and cached[1] == indices._version and cached[2] == rank:
+            return indices.contiguous()
+    values = _values(indices)
+    if values:
+        low, high = min(values), max(values)
         if low < 0 or high >= rank:
             raise ValueError(f"{name} must hold module indices in [0, {rank}), got values from {low} to {high}")
-        if torch.unique(values).numel() != values.numel():
-            raise ValueError(f"{name} must not repeat a module index, got {values.tolist()}")
-    _VALIDATED_INDICES[id(indices)] = (weakref.ref(indices, _forget(id(indices))), indices._version, rank)
-    return indices
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} must not repeat a module index, got {values}")
+    if cache:
+        _VALIDATED_INDICES[id(indices)] = (weakref.ref(indices, _forget(id(indices))), indices._version, rank)
+    return indices.contiguous()
+
+
+def _values(indices: torch.Tensor) -> list[int]:
+    """The values as the tensor really is, whatever its strides (for a CUDA tensor: a read back, a sync)."""
+    return indices.detach().tolist()
 
 
 def _forget(key: int):

@@ -17,9 +17,10 @@ def check_fold_args(
     lora_b,
     indices,
     scale,
-) -> float:
+) -> tuple[float, torch.Tensor]:
     """``lora_a [R, K]``, ``lora_b [N, R]`` of ``dtype`` on ``device`` for a weight of ``shape = (N, K)``;
-    ``indices`` distinct module indices in ``[0, R)`` on ``device``; returns ``scale`` as a float."""
+    ``indices`` distinct module indices in ``[0, R)`` on ``device``, any strides. Returns ``scale`` as a
+    float and the index tensor to compute with (``check_indices``: contiguous)."""
     r = check_adapters(lora_a, lora_b, shape, weight_name, dtype, device, weight_name)
-    check_indices("indices", indices, r, device, weight_name)
-    return check_scale("scale", scale)
+    indices = check_indices("indices", indices, r, device, weight_name)
+    return check_scale("scale", scale), indices

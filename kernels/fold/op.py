@@ -18,8 +18,9 @@ def fold_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, indi
         weight: ``[N, K]`` fp32, fp16 or bf16 (any strides); modified in place.
         lora_a: ``[R, K]`` module down-projections (rows), weight's dtype and device.
         lora_b: ``[N, R]`` module up-projections (columns), weight's dtype and device.
-        indices: ``[r]`` integer tensor of distinct module indices in ``[0, R)`` on weight's device
-            (may be empty: nothing happens). Changing it never recompiles the kernel.
+        indices: ``[r]`` integer tensor of distinct module indices in ``[0, R)`` on weight's device, any
+            strides (may be empty: nothing happens), validated as ``plora_linear``'s ``active``. Changing
+            it never recompiles the kernel.
         scale: the module scale ``s``.
 
     Every element is computed as ``round(w + s · Σ_j b_nj a_jk)`` with fp32 accumulation and a single
@@ -40,7 +41,8 @@ def unfold_(
 def _fold(weight, lora_a, lora_b, indices, scale, sign: float) -> torch.Tensor:
     check_tensor("weight", weight, ndim=2)
     check_float_dtype("weight", weight)
-    scale = sign * check_fold_args("weight", tuple(weight.shape), weight.dtype, weight.device, lora_a, lora_b, indices, scale)
+    scale, indices = check_fold_args("weight", tuple(weight.shape), weight.dtype, weight.device, lora_a, lora_b, indices, scale)
+    scale *= sign
     if indices.numel() == 0 or weight.numel() == 0:
         return weight
     with torch.no_grad():

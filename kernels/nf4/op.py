@@ -96,7 +96,8 @@ def _fold_nf4(param, lora_a, lora_b, indices, scale, quant_state, sign: float) -
     nf4 = as_nf4(param, quant_state)
     if len(nf4.shape) != 2:
         raise ValueError(f"param must hold a 2-D [N, K] weight, got quant_state shape {tuple(nf4.shape)}")
-    scale = sign * check_fold_args("param", tuple(nf4.shape), nf4.dtype, nf4.device, lora_a, lora_b, indices, scale)
+    scale, indices = check_fold_args("param", tuple(nf4.shape), nf4.dtype, nf4.device, lora_a, lora_b, indices, scale)
+    scale *= sign
     if indices.numel() == 0 or nf4.numel == 0:
         return
     if not _use_triton(nf4.device):

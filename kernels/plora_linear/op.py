@@ -78,8 +78,9 @@ def _linear_forward(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, t)`` on 2-D ``x`` (``formulas.forward``; ``t`` is kept for backward)."""
-    # Compiled graphs cannot read the indices while tracing: they are checked here, once per tensor version.
-    check_indices("active", active, lora_a.shape[0], x.device)
+    # Compiled graphs cannot read the indices while tracing: they are checked here (see ``check_indices``),
+    # and the kernels read the contiguous tensor it returns.
+    active = check_indices("active", active, lora_a.shape[0], x.device)
     return formulas.forward(x, weight, lora_a, lora_b, active, scale, bias)
 
 
@@ -95,6 +96,7 @@ def _linear_backward_grads(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """Those of ``(dx, dA, dB)`` that ``needs`` asks for (``formulas.backward``)."""
+    active = check_indices("active", active, lora_a.shape[0], x.device)  # a CPU tensor may have changed since
     return formulas.backward(dy, x, t, lambda: weight.T, lora_a, lora_b, active, scale, needs)
 
 
@@ -175,9 +177,12 @@ def plora_linear(
         weight: ``[N, K]`` frozen base weight, x's dtype and device.
         lora_a: ``[R, K]`` module down-projections ``a_j`` (rows).
         lora_b: ``[N, R]`` module up-projections ``b_j`` (columns).
-        active: ``[r]`` integer tensor of distinct module indices in ``[0, R)`` on x's device; may be
-            empty or hold all R; order is irrelevant. Validated once per tensor version (one tiny
-            device-to-host read), so reusing one index tensor costs no host synchronisation.
+        active: ``[r]`` integer tensor of distinct module indices in ``[0, R)`` on x's device, any
+            strides (a non-contiguous one costs a tiny device copy per call); may be empty or hold all R;
+            order is irrelevant. A CUDA tensor is validated once per tensor object and version (one tiny
+            device-to-host read), so reusing one index tensor costs no host synchronisation; a CPU tensor
+            on every call. Changing a validated CUDA tensor without bumping its version counter (``.data``,
+            DLPack, raw pointers) is the caller's duty not to do (see ``_checks.check_indices``).
         scale: the module scale ``s`` (``alpha / R`` by convention).
         bias: optional ``[N]``.
 
@@ -197,7 +202,7 @@ def plora_linear(
     records nothing), which skips the dispatcher. Under ``torch.compile`` (``fullgraph=True`` works) it
     is the custom op ``plora::linear``, forward and backward, with the same bodies, so values and
     gradients are bit-identical: shape, dtype and device checks run while tracing, index values when the
-    op runs (once per index tensor, as in eager). A new active set of the same size changes no guard;
+    op runs (as in eager). A new active set of the same size changes no guard;
     with a dynamic size (``torch._dynamo.mark_dynamic``, or Dynamo's automatic dynamic shapes after a size
     change) one graph serves every size of a rank bucket. The plain-torch path is traced as ordinary
     torch code, and its index values are not checked there.
@@ -212,8 +217,8 @@ def plora_linear(
     check_same_device("weight", weight, x.device)
     rank = check_adapters(lora_a, lora_b, (n, k), "weight", x.dtype, x.device, "x")
     check_bias(bias, n, x)
-    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit)
-        check_indices("active", active, rank, x.device)
+    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit on CUDA)
+        active = check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
 
     leading = x.shape[:-1]

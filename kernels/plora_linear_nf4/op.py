@@ -46,7 +46,7 @@ def _linear_nf4_forward(
     """``(y, t)`` on 2-D ``x``: ``formulas.forward`` with ``W = deq(W)`` (``t`` is kept for backward).
 
     The NF4 weight comes as ``_flatten`` gives it; ``trainable`` is for the autograd formula only."""
-    check_indices("active", active, lora_a.shape[0], x.device)  # see ``plora::linear``
+    active = check_indices("active", active, lora_a.shape[0], x.device)  # see ``plora::linear``
     nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
     if fused:
         return formulas.forward(x, nf4, lora_a, lora_b, active, scale, bias, gemm=_gemm_nf4)
@@ -68,6 +68,7 @@ def _linear_nf4_backward_grads(
     needs: list[bool],
 ) -> list[torch.Tensor]:
     """Those of ``(dx, dA, dB)`` that ``needs`` asks for; ``dx`` through a dequantised temporary (freed on return)."""
+    active = check_indices("active", active, lora_a.shape[0], x.device)  # a CPU tensor may have changed since
     nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
     weight_t = lambda: _dense(nf4, dy.dtype).T
     return formulas.backward(dy, x, t, weight_t, lora_a, lora_b, active, scale, needs, trainable)
@@ -204,8 +205,8 @@ def plora_linear_nf4(
     check_same_device("param", nf4.packed, x.device)
     rank = check_adapters(lora_a, lora_b, (n, k), "param", x.dtype, x.device, "x")
     check_bias(bias, n, x)
-    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit)
-        check_indices("active", active, rank, x.device)
+    if not torch.compiler.is_compiling():  # eager: in argument order (the op's own check is then a cache hit on CUDA)
+        active = check_indices("active", active, rank, x.device)
     scale = check_scale("scale", scale)
     if trainable is None:
         trainable = active.numel()
