@@ -122,7 +122,7 @@ class PLoRALinear(nn.Module):
         ``‖Δ‖/‖W‖`` 0.04-0.20, NF4 blocks of 64, double quantisation) a fold keeps only ~30% of Δ
         (``‖deq(fold(Wq)) − deq(Wq) − Δ‖ / ‖Δ‖`` = 0.69 weighted mean, 0.42-0.90 per matrix), while
         the frozen low-rank terms of ``"exact"`` reproduce Δ's output to 0.8e-6-4.4e-6 relative in fp32
-        (``docs/readme/issue3.md``, ``python -m bench.nf4_fidelity``). ``pristine=True`` keeps a host
+        (``docs/nf4.md``, ``python -m bench.nf4_fidelity``). ``pristine=True`` keeps a host
         copy of a float base so that :meth:`unfold` restores it bit-exactly; 4-bit merges always keep
         one (packed, so cheap). Build the optimizer after this call.
         """

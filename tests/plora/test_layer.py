@@ -280,7 +280,7 @@ def test_nf4_base_dropout_trains_selected_modules_only():
 
 
 def test_4bit_exact_keeps_the_delta_that_a_4bit_merge_rounds_away():
-    """The reason for the 4-bit default (docs/readme/issue3.md): a fold re-quantises a small delta away."""
+    """The reason for the 4-bit default (docs/nf4.md): a fold re-quantises a small delta away."""
     base, _ = _linear4bit("nf4", n=64, k=128)
     layer = plora.PLoRALinear(base, 4, scale=1.0)
     with torch.no_grad():  # ‖Δ‖/‖W‖ about 0.05, within the range of trained LoRA deltas (0.04-0.20)
