@@ -1,6 +1,10 @@
-"""Test set-up: without CUDA, Triton kernels run through its interpreter (set before any import)."""
+"""Test set-up: without CUDA, Triton kernels run through its interpreter (set before any import); nothing is
+fetched from the Hugging Face Hub (with Hugging Face's ``kernels`` installed, bitsandbytes asks the Hub for a
+CPU kernel when it is imported)."""
 
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
