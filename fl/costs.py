@@ -1,9 +1,7 @@
-"""Cost accounting: traffic from the tensors actually sent, FLOP estimates, and the two noise measures
-of DESIGN.md §1."""
+"""Cost accounting: traffic from the tensors actually sent, and FLOP estimates (the noise measures of
+DESIGN.md §1 are in ``noise``)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -46,25 +44,12 @@ def training_flops(tokens: int, frozen_params: int, trainable_params: int) -> fl
     return float(tokens) * (4.0 * frozen_params + 6.0 * trainable_params)
 
 
-def relative_error(estimate: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> float | None:
-    """``‖estimate − target‖_F / ‖target‖_F`` over all layers together (the sum of squares across layers).
-
-    0.0 when the two agree exactly (also when both are zero); None when only the target is zero.
-    """
-    if estimate.keys() != target.keys():
-        raise ValueError(f"estimate and target must name the same layers, got {sorted(estimate)} vs {sorted(target)}")
-    num = sum(float(torch.linalg.matrix_norm(estimate[n].float() - target[n].float())) ** 2 for n in target)
-    den = sum(float(torch.linalg.matrix_norm(target[n].float())) ** 2 for n in target)
-    if num == 0.0:
-        return 0.0
-    return math.sqrt(num / den) if den > 0 else None
+def qr_flops(m: int, n: int) -> float:
+    """Householder thin QR of an ``m × n`` matrix: ``2 m n² − 2 n³ / 3`` with ``m ≥ n`` (Golub & Van Loan, 5.2.2)."""
+    m, n = max(m, n), min(m, n)
+    return 2.0 * m * n**2 - 2.0 * n**3 / 3.0
 
 
-def initialisation_noise(client_start: dict[str, torch.Tensor], global_delta: dict[str, torch.Tensor]) -> float | None:
-    """``‖ΔW_client_start − ΔW_global‖_F / ‖ΔW_global‖_F`` (DESIGN.md §1), per-layer ``[N, K]`` deltas."""
-    return relative_error(client_start, global_delta)
-
-
-def aggregation_noise(aggregated: dict[str, torch.Tensor], ideal: dict[str, torch.Tensor]) -> float | None:
-    """``‖ΔW_aggregated − Σ p_i ΔW_i‖_F / ‖Σ p_i ΔW_i‖_F`` (DESIGN.md §1), per-layer ``[N, K]`` deltas."""
-    return relative_error(aggregated, ideal)
+def gram_flops(n: int, k: int, rank: int) -> float:
+    """FLOPs of ``‖B A‖_F`` from Gram matrices, ``B [n, rank]``, ``A [rank, k]``: ``2 (n + k) rank²``."""
+    return 2.0 * (n + k) * rank**2

@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, capture_rng, restore_rng
 from .client import TrainStats
 from .config import Config
 from .partition import sample_clients
-from .strategies import ClientPlan, ClientUpdate, RoundResult, Strategy
+from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
 from .validate import RejectedUpdate, validate_update
 
 log = logging.getLogger(__name__)
@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundPlan:
-    """A round as configured: the sampled clients and their plans (same order); ``global_delta``: the
-    global update ``ΔW`` per layer before the round (unscaled, fp32 ``[N, K]``), where a server measures
+    """A round as configured: the sampled clients and their plans (same order); ``global_update``: the
+    global update ``ΔW`` per layer before the round (unscaled, as factors), where a server measures
     initialisation noise against it."""
 
     rnd: int
     clients: list[int]
     plans: list[ClientPlan]
-    global_delta: dict[str, torch.Tensor] | None = None
+    global_update: Adapter | None = None
 
 
 @dataclass

@@ -15,13 +15,14 @@ import torch
 
 from fed_plora import plora
 
-from . import costs
+from . import costs, noise
 from .checkpoint import Checkpoint
 from .config import Config
 from .evaluation import evaluate
 from .model import inject_configured, linear_weight_count, read_adapter, write_adapter
 from .rounds import ClientResult, RoundPlan, Server, round_info
-from .strategies import ClientPlan, ClientUpdate, RoundResult, strategy_class
+from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy_class
+from .strategies.lowrank import concat
 
 
 class FederatedServer(Server):
@@ -57,9 +58,9 @@ class FederatedServer(Server):
         """``Server.plan_round`` with the global update before the round (resets the CUDA peak-memory counter)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        global_delta = {n: self.strategy.global_delta(n) for n in self.shapes}
+        global_update = {n: self.strategy.global_factors(n) for n in self.shapes}
         planned = super().plan_round()
-        planned.global_delta = global_delta
+        planned.global_update = global_update
         return planned
 
     def finish_round(self, planned: RoundPlan, results: list[ClientResult]) -> dict:
@@ -71,7 +72,7 @@ class FederatedServer(Server):
         for plan, result in accepted:
             timer["train"] += result.stats.seconds
             timer["prepare"] += max(result.seconds - result.stats.seconds, 0.0)
-            rows.append({**self._client_costs(plan, result.update, result.stats, planned.global_delta), **result.wire})
+            rows.append({**self._client_costs(plan, result.update, result.stats, planned.global_update), **result.wire})
         updates = [result.update for _, result in accepted]
         start = time.perf_counter()
         aggregated = self.aggregate(rnd, updates)
@@ -115,7 +116,7 @@ class FederatedServer(Server):
             autocast_dtype=self.autocast_dtype,
         )
 
-    def _client_costs(self, plan: ClientPlan, update: ClientUpdate, stats, global_delta) -> dict:
+    def _client_costs(self, plan: ClientPlan, update: ClientUpdate, stats, global_update: Adapter) -> dict:
         """One client's traffic, trainable parameters, FLOPs and initialisation noise."""
         trainable = self.head_params + sum(len(update.trained[n]) * (n_out + k_in) for n, (n_out, k_in) in self.shapes.items())
         fold = plan.client_flops
@@ -133,19 +134,19 @@ class FederatedServer(Server):
             "trainable_params": trainable,
             "train_flops": costs.training_flops(stats.tokens, self.frozen_params, trainable),
             "fold_flops": fold,
-            "init_noise": costs.initialisation_noise({n: f.delta() for n, f in plan.adapter.items()}, global_delta),
+            "init_noise": noise.initialisation_noise(plan.adapter, global_update),
         }
 
     def _aggregation_noise(self, aggregated: RoundResult, updates: list[ClientUpdate]) -> float | None:
         """Noise of the new global update against ``Σ p_i ΔW_i`` with data-size weights ``p_i``."""
         sizes = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = (sizes / sizes.sum()).tolist()
-        ideal = {n: sum(w * u.adapter[n].delta() for w, u in zip(weights, updates)) for n in self.shapes}
-        result = {n: self.strategy.global_delta(n) for n in self.shapes}
+        ideal = {n: concat([(w, u.adapter[n]) for w, u in zip(weights, updates)]) for n in self.shapes}
+        result = {n: self.strategy.global_factors(n) for n in self.shapes}
         if aggregated.base_update is not None:
             for name, update in aggregated.base_update.items():
-                result[name] = result[name] + update.delta()
-        return costs.aggregation_noise(result, ideal)
+                result[name] = concat([(1.0, result[name]), (1.0, update)])
+        return noise.aggregation_noise(result, ideal)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -14,23 +14,14 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
+from .lowrank import Factors, concat
+
 if TYPE_CHECKING:
     from ..config import Config
-
-
-class Factors(NamedTuple):
-    """One layer's adapter: ``a [R, K]`` (module j is row j) and ``b [N, R]`` (module j is column j)."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-
-    def delta(self) -> torch.Tensor:
-        """``b @ a`` in fp32, ``[N, K]``: the layer's update before the scale ``s``."""
-        return self.b.float() @ self.a.float()
 
 
 Adapter = dict[str, Factors]
@@ -157,9 +148,10 @@ class Strategy(ABC):
         """The global model's factors (``R`` modules), what evaluation loads."""
         return self.adapter
 
-    def global_delta(self, name: str) -> torch.Tensor:
-        """The global model's update of layer ``name`` over the current base, unscaled, fp32 ``[N, K]``."""
-        return self.adapter[name].delta()
+    def global_factors(self, name: str) -> Factors:
+        """The global model's update of layer ``name`` over the current base, unscaled, as factors of any rank
+        (``lowrank`` measures them without the dense ``[N, K]`` product)."""
+        return self.adapter[name]
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything later rounds depend on, for a checkpoint: tensors by name, and JSON-able values."""
@@ -259,11 +251,13 @@ def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Te
 
 
 def stacked(updates: list[ClientUpdate], weights: torch.Tensor, name: str) -> Factors:
-    """``Σ p_i B_i A_i`` of layer ``name`` exactly, as one pair of fp32 factors: the trained rows of every
-    ``p_i A_i`` stacked, ``[Σ r_i, K]``, and the trained columns of every ``B_i``, ``[N, Σ r_i]`` (``weights``: the ``p_i``)."""
-    rows = [w * u.adapter[name].a[u.trained[name]].float() for w, u in zip(weights.tolist(), updates)]
-    cols = [u.adapter[name].b[:, u.trained[name]].float() for u in updates]
-    return Factors(torch.cat(rows), torch.cat(cols, dim=1))
+    """``Σ p_i B_i A_i`` of layer ``name`` exactly, as one pair of fp32 factors (see ``lowrank.concat``) over the
+    modules every client trained (``weights``: the ``p_i``)."""
+    terms = [
+        (w, Factors(u.adapter[name].a[u.trained[name]], u.adapter[name].b[:, u.trained[name]]))
+        for w, u in zip(weights.tolist(), updates)
+    ]
+    return concat(terms)
 
 
 def first_modules(rank: int, total: int, device: torch.device) -> torch.Tensor:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from ..costs import product_flops, svd_flops
+from ..costs import qr_flops, svd_flops
 from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, stacked
+from .lowrank import orthonormal_complement, top_components
 
 
 class FlexLoRA(Strategy):
-    """The server forms ``ΔW = Σ p_i B_i A_i`` per layer (kept exactly, as stacked factors), takes its SVD
-    ``U Σ Vᵀ`` and keeps the top ``R`` components as ``B = U Σ``, ``A = Vᵀ``; a client of rank ``r_i`` gets
-    the top ``r_i``. The global model used for evaluation is that rank-``R`` truncation."""
+    """The server keeps ``ΔW = Σ p_i B_i A_i`` per layer exactly, as stacked factors, takes its SVD ``U Σ Vᵀ``
+    and keeps the top ``R`` components as ``B = U Σ``, ``A = Vᵀ``; a client of rank ``r_i`` gets the top
+    ``r_i``. The global model used for evaluation is that rank-``R`` truncation.
+
+    The SVD comes from the factors (``lowrank.top_components``: thin QRs and the SVD of a ``Σ r_i``-square
+    core), never from the dense ``[N, K]`` product. Where ``ΔW`` has fewer than ``min(R, N, K)`` nonzero
+    singular values, the missing components are zero: ``B`` columns zero, ``A`` rows an orthonormal
+    completion of ``V`` (as a dense SVD returns them, up to rotation; drawn from the run seed and round), so
+    that the clients' modules there train as fresh LoRA modules."""
 
     name = "flexlora"
 
@@ -40,20 +47,31 @@ class FlexLoRA(Strategy):
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)
         self.full, flops = {}, 0.0
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + rnd)
         for name, (a, b) in self.adapter.items():
             n_out, k_in = b.shape[0], a.shape[1]
             self.full[name] = stacked(updates, weights, name)
-            u_mat, s_vec, vh = torch.linalg.svd(self.full[name].delta(), full_matrices=False)
-            kept = min(self.rank, len(s_vec))  # a layer with min(N, K) < R has fewer components: zero modules
+            u_mat, s_vec, vh = top_components(self.full[name], self.rank)
+            kept, components = s_vec.numel(), min(self.rank, n_out, k_in)
             new_a, new_b = torch.zeros_like(a), torch.zeros_like(b)
-            new_a[:kept] = vh[:kept].to(a.dtype)
-            new_b[:, :kept] = (u_mat[:, :kept] * s_vec[:kept]).to(b.dtype)
+            new_a[:kept] = vh.to(a.dtype)
+            new_b[:, :kept] = (u_mat * s_vec).to(b.dtype)
+            if kept < components:
+                new_a[kept:components] = orthonormal_complement(vh, components - kept, generator).to(a.dtype)
             self.adapter[name] = Factors(new_a, new_b)
-            flops += sum(product_flops(n_out, k_in, len(u.trained[name])) for u in updates) + svd_flops(n_out, k_in)
+            flops += _svd_from_factors_flops(n_out, k_in, self.full[name].a.shape[0], kept)
         self.average_extra(updates, weights)
         return RoundResult(server_flops=flops)
 
-    def global_delta(self, name: str) -> torch.Tensor:
+    def global_factors(self, name: str) -> Factors:
         if self.full is None:
-            return super().global_delta(name)
-        return self.full[name].delta()
+            return super().global_factors(name)
+        return self.full[name]
+
+
+def _svd_from_factors_flops(n: int, k: int, stacked_rank: int, kept: int) -> float:
+    """QRs of ``B [n, r]`` and ``Aᵀ [k, r]`` (``r = stacked_rank``), the ``p × q`` core ``R_b R_aᵀ`` and its SVD,
+    and the ``kept`` singular vectors mapped back through ``Q_b [n, p]`` and ``Q_a [k, q]``."""
+    p, q = min(n, stacked_rank), min(k, stacked_rank)
+    decompose = qr_flops(n, stacked_rank) + qr_flops(k, stacked_rank) + 2.0 * p * q * stacked_rank + svd_flops(p, q)
+    return decompose + 2.0 * (n * p + k * q) * kept

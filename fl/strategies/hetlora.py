@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..costs import product_flops
+from ..costs import gram_flops
 from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
+from .lowrank import squared_norm
 
 
 @dataclass
@@ -59,8 +60,8 @@ class HetLoRA(Strategy):
         fallback = self.client_weights(updates)
         flops = 0.0
         for name, (a, b) in self.adapter.items():
-            norms = torch.tensor([float(torch.linalg.matrix_norm(u.adapter[name].delta())) for u in updates], dtype=torch.float64)
-            flops += sum(product_flops(b.shape[0], a.shape[1], len(u.trained[name])) for u in updates)
+            norms = torch.tensor([math.sqrt(squared_norm(u.adapter[name])) for u in updates], dtype=torch.float64)
+            flops += sum(gram_flops(b.shape[0], a.shape[1], a.shape[0]) for _ in updates)
             weights = norms / norms.sum() if norms.sum() > 0 else fallback
             self.adapter[name] = Factors(
                 weighted_sum([u.adapter[name].a for u in updates], weights).to(a.dtype),
@@ -75,8 +76,7 @@ class HetLoRA(Strategy):
         for u in updates:
             r = len(next(iter(u.trained.values())))
             keep = max(1, math.floor(self.options.prune_gamma * r))
-            norms = [float(torch.linalg.matrix_norm(Factors(f.a[keep:r], f.b[:, keep:r]).delta())) for f in u.adapter.values()]
-            tail = sum(n**2 for n in norms) ** 0.5
+            tail = math.sqrt(sum(squared_norm(Factors(f.a[keep:r], f.b[:, keep:r])) for f in u.adapter.values()))
             previous = self._tail_norm.get(u.client)
             if previous is not None and previous[0] == r and tail < previous[1] and keep < r:
                 self.pruned_rank[u.client] = keep

@@ -1,11 +1,13 @@
-"""Traffic, FLOP estimates and the noise measures of DESIGN.md §1, on hand-made tensors."""
+"""Traffic, FLOP estimates and the noise measures of DESIGN.md §1, on hand-made tensors and factors."""
 
 import math
 
 import pytest
 import torch
 
-from fed_plora.fl.costs import aggregation_noise, fold_flops, initialisation_noise, payload_bytes, svd_flops, training_flops
+from fed_plora.fl.costs import fold_flops, gram_flops, payload_bytes, qr_flops, svd_flops, training_flops
+from fed_plora.fl.noise import aggregation_noise, initialisation_noise
+from fed_plora.fl.strategies import Factors
 
 
 def test_payload_bytes_count_the_tensors_sent():
@@ -18,16 +20,21 @@ def test_flop_estimates():
     assert fold_flops(4, 6, 2) == 2 * 4 * 6 * 2 + 4 * 6
     assert svd_flops(100, 10) == svd_flops(10, 100) == min(14 * 100 * 100 + 8 * 1000, 6 * 100 * 100 + 20 * 1000)
     assert training_flops(10, 100, 5) == 10 * (400 + 30)
+    assert qr_flops(100, 10) == qr_flops(10, 100) == 2 * 100 * 100 - 2 * 1000 / 3
+    assert gram_flops(4, 6, 3) == 2 * (4 + 6) * 9
 
 
 def test_noise_is_relative_frobenius_error_over_all_layers():
-    target = {"l1": torch.tensor([[3.0, 0.0]]), "l2": torch.tensor([[0.0, 4.0]])}
-    estimate = {"l1": torch.tensor([[3.0, 1.0]]), "l2": torch.tensor([[0.0, 4.0]])}
+    def rank1(row):  # the 1 × 2 matrix ``row`` as factors
+        return Factors(torch.tensor([row]), torch.ones(1, 1))
+
+    target = {"l1": rank1([3.0, 0.0]), "l2": rank1([0.0, 4.0])}
+    estimate = {"l1": rank1([3.0, 1.0]), "l2": rank1([0.0, 4.0])}
     assert initialisation_noise(estimate, target) == pytest.approx(1 / 5)
     assert aggregation_noise(target, target) == 0.0
-    zero = {"l1": torch.zeros(1, 2), "l2": torch.zeros(1, 2)}
+    zero = {"l1": rank1([0.0, 0.0]), "l2": rank1([0.0, 0.0])}
     assert initialisation_noise(zero, zero) == 0.0  # round 1: both zero
     assert initialisation_noise(target, zero) is None  # undefined against a zero global update
     with pytest.raises(ValueError, match="same layers"):
         aggregation_noise({"l1": target["l1"]}, target)
-    assert math.isclose(aggregation_noise({k: 2 * v for k, v in target.items()}, target), 1.0)
+    assert math.isclose(aggregation_noise({k: Factors(2 * f.a, f.b) for k, f in target.items()}, target), 1.0)

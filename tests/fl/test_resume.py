@@ -158,6 +158,6 @@ def test_strategy_state_round_trip(method):
     for strategy in (original, copy):
         play(strategy, 2)
     for name in adapter:
-        assert torch.equal(copy.global_delta(name), original.global_delta(name))
+        assert torch.equal(copy.global_factors(name).delta(), original.global_factors(name).delta())
     assert all(torch.equal(copy.extra[k], original.extra[k]) for k in extra)
     assert json.dumps(copy.state()[1]) == json.dumps(original.state()[1])

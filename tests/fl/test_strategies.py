@@ -97,7 +97,7 @@ def test_flora_stack_reproduces_the_weighted_sum_and_restarts():
     stack = result.base_update["layer"]
     assert stack.a.shape == (4, K) and stack.b.shape == (N, 4)  # rank 1 + 3 stacked
     torch.testing.assert_close(stack.b @ stack.a, 0.25 * (b0 @ a0) + 0.75 * (b1 @ a1))
-    assert torch.count_nonzero(s.global_delta("layer")) == 0  # new modules: B = 0
+    assert torch.count_nonzero(s.global_factors("layer").delta()) == 0  # new modules: B = 0
     # Client 0 took part in round 0 (received nothing then); client 2 never did: both get the stack.
     assert "stack0.layer.a" in s.configure_client(1, 0, 2).download
     s.aggregate(1, [update(0, 1, a0, b0, [0])])
@@ -141,7 +141,7 @@ def test_flexlora_svd_of_the_weighted_products():
     a0[2:], b0[:, 2:] = 0, 0
     s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 3, a1, b1, [0, 1, 2, 3])])
     ideal = 0.25 * (b0 @ a0) + 0.75 * (b1 @ a1)
-    torch.testing.assert_close(s.global_delta("layer"), ideal)  # the server keeps ΔW exactly
+    torch.testing.assert_close(s.global_factors("layer").delta(), ideal)  # the server keeps ΔW exactly
     # N = 2 < R = 4 components exist: the global adapter keeps R modules, the missing ones zero
     assert s.adapter["layer"].a.shape == (R, K) and s.adapter["layer"].b.shape == (N, R)
     assert not s.adapter["layer"].a[N:].any() and not s.adapter["layer"].b[:, N:].any()
