@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +32,8 @@ class PLoRAConfig:
     Attributes:
         r: global rank ``R``: every adapted layer holds ``R`` one-rank modules.
         alpha: the scale of every module is ``alpha / r`` (the same for all modules of a layer, so
-            folding a module never changes the function).
+            folding a module never changes the function); a finite real number, as are the values of
+            ``alpha_pattern`` (NaN, infinities, bools and strings are refused).
         target_modules: which ``nn.Linear`` / bitsandbytes ``Linear4bit`` modules to adapt, as in PEFT:
             a list of names (a module matches when its full name equals an entry or ends with
             ``"." + entry``), a single string taken as a regular expression that must match the full
@@ -59,6 +63,15 @@ class PLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be a positive integer (the global rank R), got {self.r!r}")
+        _check_alpha("alpha", self.alpha)
+        if self.alpha_pattern is not None and not isinstance(self.alpha_pattern, Mapping):
+            raise TypeError(f"alpha_pattern must map regular expressions to alphas, got {type(self.alpha_pattern).__name__}")
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for pattern, alpha in self.alpha_pattern.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"alpha_pattern keys must be regular expressions (str), got {pattern!r}")
+            re.compile(pattern)
+            _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 re.compile(self.target_modules)
@@ -66,7 +79,7 @@ class PLoRAConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
                 raise TypeError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
@@ -80,6 +93,14 @@ class PLoRAConfig:
             if re.search(pattern, name):
                 return float(alpha) / self.r
         return float(self.alpha) / self.r
+
+
+def _check_alpha(name: str, alpha) -> None:
+    """``alpha`` must be a finite real number (not a bool): it becomes every module's scale ``alpha / r``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"{name} must be a finite real number, got {alpha!r} ({type(alpha).__name__})")
+    if not math.isfinite(alpha):
+        raise ValueError(f"{name} must be a finite real number, got {alpha!r}")
 
 
 def default_target_modules(model) -> list[str]:

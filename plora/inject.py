@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -19,8 +21,9 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
     The config, with its targets resolved, is kept as ``model.plora_config``. Returns ``model``.
 
     Raises ``ValueError`` when the model is already injected, when no module matches the targets, when
-    a target that names a module matches one that is not a linear layer, or when no targets are given
-    for a model type without defaults.
+    a target that names a module matches one that is not a linear layer, when ``modules_to_save`` names a
+    module the model does not have, or when no targets are given for a model type without defaults.
+    Everything is checked before the model changes, and a call that fails leaves it as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -31,24 +34,51 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
     if config.target_modules is None:
         config = dataclasses.replace(config, target_modules=default_target_modules(model))
     targets = _target_names(model, config)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = PLoRALinear(
-            getattr(parent, child),
-            config.r,
-            config.scale_for(name),
-            dropout=config.dropout,
-            init=config.init,
-            adapter_dtype=config.adapter_dtype,
-        )
-        setattr(parent, child, layer)
-    extra = extra_modules(model, config)
-    for name, param in model.named_parameters():
-        adapter = name.rpartition(".")[2] in ("lora_a", "lora_b")
-        param.requires_grad_(adapter or any(name.startswith(m + ".") for m in extra))
-    model.plora_config = config
+    extra_modules(model, config)  # a missing modules_to_save entry is refused before anything changes
+    with undo_injection_on_failure(model):
+        layers = {
+            name: PLoRALinear(
+                model.get_submodule(name),
+                config.r,
+                config.scale_for(name),
+                dropout=config.dropout,
+                init=config.init,
+                adapter_dtype=config.adapter_dtype,
+            )
+            for name in targets
+        }
+        for name, layer in layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer)
+        extra = extra_modules(model, config)
+        for name, param in model.named_parameters():
+            adapter = name.rpartition(".")[2] in ("lora_a", "lora_b")
+            param.requires_grad_(adapter or any(name.startswith(m + ".") for m in extra))
+        model.plora_config = config
     return model
+
+
+@contextmanager
+def undo_injection_on_failure(model: nn.Module) -> Iterator[None]:
+    """Run an injection into ``model`` (which holds no PLoRA layer yet) as one step: if the block raises,
+    every ``PLoRALinear`` is replaced by its base again, each parameter gets back its ``requires_grad`` and
+    ``plora_config`` its old value (or none), then the error propagates. The bases are never written to."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    missing = object()
+    config = model.__dict__.get("plora_config", missing)
+    try:
+        yield
+    except BaseException:
+        for name, layer in plora_layers(model).items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        if config is missing:
+            model.__dict__.pop("plora_config", None)
+        else:
+            model.__dict__["plora_config"] = config
+        raise
 
 
 def plora_layers(model: nn.Module) -> dict[str, PLoRALinear]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -125,6 +126,10 @@ class PLoRALinear(nn.Module):
         (``docs/nf4.md``, ``python -m bench.nf4_fidelity``). ``pristine=True`` keeps a host
         copy of a float base so that :meth:`unfold` restores it bit-exactly; 4-bit merges always keep
         one (packed, so cheap). Build the optimizer after this call.
+
+        A call that fails leaves the layer as it was: everything is checked and built before the base
+        changes, and a fold that fails is undone from the snapshot when one is kept (``pristine`` or a
+        4-bit base; a float fold without one fails on its argument checks, before writing).
         """
         if self.is_selected:
             raise RuntimeError("select_and_fold was already called on this layer: call unfold() first")
@@ -133,27 +138,40 @@ class PLoRALinear(nn.Module):
             raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
         selected = self._check_selection(indices)
         rest = [j for j in range(self.r) if j not in set(selected)]
-        if mode == "merge" and rest:
-            if pristine or self.is_4bit:
-                self._pristine = _base.snapshot(self.base_layer)
-            _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), rest, self.scale)
         states = [FOLDED if mode == "merge" else FROZEN] * self.r
         for j in selected:
             states[j] = TRAINABLE
+        # Everything the selection needs is built before the base changes; only then the fold, undone
+        # from the snapshot (when one is kept) if it fails, and plain assignments.
+        partial = len(selected) < self.r
+        if partial:
+            device = self.lora_a.device
+            index = torch.tensor(selected, dtype=torch.long, device=device)
+            selected_a = selected_b = None
+            if selected:
+                selected_a = nn.Parameter(self.lora_a.detach().index_select(0, index))
+                selected_b = nn.Parameter(self.lora_b.detach().index_select(1, index))
+            frozen = [j for j, s in enumerate(states) if s == FROZEN]
+            frozen_index = torch.tensor(frozen, dtype=torch.long, device=device)
+            active_index = torch.arange(len(selected) + len(frozen), device=device)
+        saved = None
+        if mode == "merge" and rest:
+            saved = _base.snapshot(self.base_layer) if pristine or self.is_4bit else None
+            try:
+                _base.fold_into_base(self.base_layer, self.lora_a.detach(), self.lora_b.detach(), rest, self.scale)
+            except BaseException:
+                if saved is not None:
+                    _base.restore(self.base_layer, saved)
+                raise
+        self._pristine = saved
         self._states, self._mode = states, mode
-        if len(selected) < self.r:
+        if partial:
             self.lora_a.requires_grad_(False)
             self.lora_b.requires_grad_(False)
-            index = torch.tensor(selected, dtype=torch.long, device=self.lora_a.device)
-            if selected:
-                self.selected_a = nn.Parameter(self.lora_a.detach().index_select(0, index))
-                self.selected_b = nn.Parameter(self.lora_b.detach().index_select(1, index))
-            frozen = len(rest) if mode == "exact" else 0
+            self.selected_a, self.selected_b = selected_a, selected_b
             self.register_buffer("selected_index", index, persistent=False)
-            self.register_buffer(
-                "frozen_index", torch.tensor(self.indices(FROZEN), dtype=torch.long, device=index.device), persistent=False
-            )
-            self.active_index = torch.arange(len(selected) + frozen, device=index.device)
+            self.register_buffer("frozen_index", frozen_index, persistent=False)
+            self.active_index = active_index
 
     def unfold(self) -> None:
         """Undo :meth:`select_and_fold`: write trained modules back, restore the base, all trainable."""
@@ -219,6 +237,11 @@ class PLoRALinear(nn.Module):
     def _check_merge(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         if self.is_selected:
             raise RuntimeError("cannot merge into the base while a selection is in force: unfold() first")
+        for name, value in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
         if rank < 0 or lora_a.shape[1] != self.in_features or tuple(lora_b.shape) != (self.out_features, rank):
             raise ValueError(
@@ -227,12 +250,19 @@ class PLoRALinear(nn.Module):
             )
 
     def _check_selection(self, indices) -> list[int]:
+        """``indices`` as a sorted list of distinct module indices in ``[0, R)``; ``TypeError`` for anything
+        that is not an integer (a float, a bool, a float or bool tensor: never truncated to a module)."""
         if isinstance(indices, torch.Tensor):
+            if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+                raise TypeError(f"indices must hold integer module indices, got a {indices.dtype} tensor")
             indices = indices.tolist()
+        if isinstance(indices, (str, bytes)):
+            raise TypeError(f"indices must be an iterable of module indices, got {type(indices).__name__}")
         try:
-            selected = sorted(int(j) for j in indices)
+            items = list(indices)
         except TypeError:
             raise TypeError(f"indices must be an iterable of module indices, got {type(indices).__name__}") from None
+        selected = sorted(_module_index(j) for j in items)
         if len(set(selected)) != len(selected):
             raise ValueError(f"indices must not repeat a module, got {selected}")
         if selected and (selected[0] < 0 or selected[-1] >= self.r):
@@ -306,6 +336,16 @@ class PLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         counts = {s: self._states.count(s) for s in (TRAINABLE, FROZEN, FOLDED)}
         return f"r={self.r}, scale={self.scale:g}, " + ", ".join(f"{k}={v}" for k, v in counts.items())
+
+
+def _module_index(value) -> int:
+    """One module index: a Python, NumPy or 0-d tensor integer; a bool or a float is a ``TypeError``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"indices must hold integer module indices, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"indices must hold integer module indices, got {value!r} ({type(value).__name__})") from None
 
 
 def _unpack(packed):
