@@ -104,6 +104,31 @@ def snapshot(base: nn.Module):
     return base.weight.detach().to("cpu", copy=True)
 
 
+def check_snapshot(base: nn.Module, saved) -> None:
+    """``TypeError`` / ``ValueError`` unless ``saved`` is a :func:`snapshot` of a base like ``base`` (same
+    kind, shape and dtype): what :func:`restore` writes nothing without."""
+    if is_linear4bit(base):
+        ok = isinstance(saved, tuple) and len(saved) == 2 and isinstance(saved[0], torch.Tensor)
+        if not ok:
+            raise TypeError(f"the snapshot of a 4-bit base is (packed codes, quant_state), got {type(saved).__name__}")
+        current, state = base.weight.data, saved[1]
+        if saved[0].shape != current.shape or saved[0].dtype != current.dtype:
+            raise ValueError(
+                f"the snapshot holds packed codes {tuple(saved[0].shape)} {saved[0].dtype}, "
+                f"the base {tuple(current.shape)} {current.dtype}"
+            )
+        if tuple(getattr(state, "shape", ())) != tuple(base.weight.quant_state.shape):
+            raise ValueError(f"the snapshot's quant_state is of another weight shape: {getattr(state, 'shape', None)}")
+        return
+    if not isinstance(saved, torch.Tensor):
+        raise TypeError(f"the snapshot of a float base is a tensor, got {type(saved).__name__}")
+    weight = base.weight
+    if saved.shape != weight.shape or saved.dtype != weight.dtype:
+        raise ValueError(
+            f"the snapshot is {tuple(saved.shape)} {saved.dtype}, the base weight {tuple(weight.shape)} {weight.dtype}"
+        )
+
+
 def restore(base: nn.Module, saved) -> None:
     """Write a :func:`snapshot` back into ``base`` (bit-exact)."""
     with torch.no_grad():

@@ -244,3 +244,62 @@ def test_unfold_failing_midway_can_be_finished_by_calling_it_again(monkeypatch):
     assert [layer.is_selected for layer in plora.plora_layers(model).values()] == [False, True]
     plora.unfold(model)
     assert not any(layer.is_selected for layer in plora.plora_layers(model).values())
+
+
+# ------------------------------------------------------------------ merges into the bases and snapshots
+
+
+def _updates(model, rank=3, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        n: (torch.randn(rank, layer.in_features, generator=gen) * 0.1, torch.randn(layer.out_features, rank, generator=gen) * 0.1)
+        for n, layer in plora.plora_layers(model).items()
+    }
+
+
+def test_merge_into_base_failing_in_the_last_layer_undoes_the_others(monkeypatch):
+    model = _mixed_llama()
+    updates = _updates(model)
+    before = _everything(model)
+    # Layer order: q_proj (float, merged then subtracted again), v_proj (NF4, restored from its packed
+    # snapshot), o_proj (float: its fold fails).
+    calls = _fail_on_call(monkeypatch, _base, "fold_", 2)
+    with pytest.raises(RuntimeError, match="planted"):
+        plora.merge_into_base(model, updates)
+    assert len(calls) == 2
+    _assert_unchanged(before, model, base_atol=1e-6)
+    monkeypatch.undo()
+    # The NF4 merge failing after writing is restored from the snapshot, the float layer before subtracted.
+    _fail_on_call(monkeypatch, _base, "fold_nf4_", 1, after=True)
+    with pytest.raises(RuntimeError, match="planted"):
+        plora.merge_into_base(model, updates)
+    _assert_unchanged(before, model, base_atol=1e-6)
+
+
+def test_merge_into_base_checks_types_first():
+    model = _bert()
+    before = _everything(model)
+    last = list(plora.plora_layers(model))[-1]
+    updates = _updates(model)
+    with pytest.raises(TypeError, match=f"layer {last}: lora_a must be a torch.Tensor"):
+        plora.merge_into_base(model, {**updates, last: (updates[last][0].tolist(), updates[last][1])})
+    with pytest.raises(TypeError, match=f"layer {last}: lora_b must be a floating-point"):
+        plora.merge_into_base(model, {**updates, last: (updates[last][0], updates[last][1].long())})
+    _assert_unchanged(before, model)
+
+
+def test_restore_bases_checks_every_snapshot_first():
+    model = _bert()
+    saved = plora.snapshot_bases(model)
+    plora.merge_into_base(model, _updates(model))
+    before = _everything(model)
+    first, last = list(saved)
+    for bad, error, match in (
+        (saved[last][:, :3], ValueError, "snapshot is"),
+        (saved[last].double(), ValueError, "snapshot is"),
+        ("weights", TypeError, "tensor"),
+    ):
+        with pytest.raises(error, match=f"layer {last}: .*{match}"):
+            plora.restore_bases(model, {first: saved[first], last: bad})
+        _assert_unchanged(before, model)
+    plora.restore_bases(model, saved)
