@@ -2,6 +2,8 @@
 checks the clear error, and compares the model's full state (state_dict and every buffer, module
 structure, requires_grad, every PLoRA layer's selection state) before and after."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from helpers import randomize_adapters, tiny_model
 from torch import nn
 
 from fed_plora import plora
-from fed_plora.plora import _base
+from fed_plora.plora import _base, io, peft_io
 
 BERT_TARGETS = ["query", "value"]
 
@@ -303,3 +305,152 @@ def test_restore_bases_checks_every_snapshot_first():
             plora.restore_bases(model, {first: saved[first], last: bad})
         _assert_unchanged(before, model)
     plora.restore_bases(model, saved)
+
+
+# ------------------------------------------------------------------ adapter state and files
+
+
+def test_load_adapter_state_dict_refuses_non_finite_values_naming_the_tensor():
+    model = _bert()
+    state = {k: v + 1 for k, v in plora.adapter_state_dict(model).items()}
+    before = _everything(model)
+    last = sorted(state)[-1]
+    for value in (float("nan"), float("inf"), -float("inf")):
+        bad = {k: v.clone() for k, v in state.items()}
+        bad[last].view(-1)[3] = value
+        with pytest.raises(ValueError, match=rf"state\['{last}'\] holds non-finite values"):
+            plora.load_adapter_state_dict(model, bad)
+        _assert_unchanged(before, model)
+    plora.select_and_fold(model, [0], mode="exact")  # also while selected (the trainable copies)
+    before = _everything(model)
+    with pytest.raises(ValueError, match="non-finite"):
+        plora.load_adapter_state_dict(model, bad, strict=False)
+    _assert_unchanged(before, model)
+
+
+def test_load_adapter_refuses_non_finite_and_truncated_files_naming_them(tmp_path):
+    source = _bert(seed=1)
+    key = next(k for k in plora.adapter_state_dict(source) if k.endswith("value.lora_b"))
+    with torch.no_grad():
+        plora.plora_layers(source)[key.rsplit(".", 1)[0]].lora_b[0, 0] = float("inf")
+    path = tmp_path / "adapter.safetensors"
+    plora.save_adapter(source, path)
+    model = _bert()
+    before = _everything(model)
+    with pytest.raises(ValueError, match=rf"{path}: state\['{key}'\] holds non-finite"):
+        plora.load_adapter(model, path)
+    _assert_unchanged(before, model)
+
+    good = tmp_path / "good.safetensors"
+    plora.save_adapter(_bert(seed=2), good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"cannot read the safetensors file {truncated}"):
+        plora.load_adapter(model, truncated)
+    _assert_unchanged(before, model)
+    with pytest.raises(FileNotFoundError):
+        plora.load_adapter(model, tmp_path / "absent.safetensors")
+
+
+def test_save_adapter_failing_leaves_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "adapter.safetensors"
+    plora.save_adapter(_bert(seed=1), path)
+    old = path.read_bytes()
+    _fail_on_call(monkeypatch, io, "save_file", 1, after=True)  # the file is written, then the call fails
+    with pytest.raises(RuntimeError, match="planted"):
+        plora.save_adapter(_bert(seed=2), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == [path.name]
+    monkeypatch.undo()
+    plora.save_adapter(_bert(seed=2), path)
+    assert path.read_bytes() != old and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+# ------------------------------------------------------------------ PEFT files
+
+
+@pytest.fixture
+def peft_dir(tmp_path):
+    """A PEFT LoRA adapter of rank 4 with the classifier, exported from a tiny BERT."""
+    pytest.importorskip("peft")
+    return plora.export_peft(_bert(seed=4), tmp_path / "adapter")
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_from_peft_with_weights_of_another_rank_leaves_the_model_uninjected(peft_dir):
+    _edit_config(peft_dir, r=8, lora_alpha=16)
+    model = tiny_model("bert")
+    before = _everything(model)
+    with pytest.raises(ValueError, match=rf"{peft_dir}: state\[.*\] must have shape \((8, 32|32, 8)\), got \((4, 32|32, 4)\)"):
+        plora.from_peft(model, peft_dir)
+    _assert_unchanged(before, model)
+    _edit_config(peft_dir, r=4, lora_alpha=8)
+    plora.from_peft(model, peft_dir)  # a retry is not refused as "already injected"
+    assert all(layer.r == 4 for layer in plora.plora_layers(model).values())
+
+
+def test_from_peft_refuses_bad_files_naming_them(peft_dir):
+    config_path = peft_dir / "adapter_config.json"
+    weights = peft_dir / "adapter_model.safetensors"
+    text, data = config_path.read_text(), weights.read_bytes()
+    fresh, injected = tiny_model("bert"), _bert(seed=6)
+    cases = [
+        (lambda: config_path.write_text(text[: len(text) // 2]), f"{config_path} is not valid JSON"),
+        (lambda: config_path.write_text("[1, 2]"), f"{config_path} must hold a JSON object"),
+        (lambda: _edit_config(peft_dir, peft_type="IA3"), f"{config_path} holds a PEFT IA3 adapter config; only LORA"),
+        (lambda: _edit_config(peft_dir, lora_alpha=float("nan")), f"{config_path}: alpha must be a finite"),
+        (lambda: config_path.unlink(), f"{config_path} is missing"),
+        (lambda: weights.write_bytes(data[: len(data) // 2]), f"cannot read the safetensors file {weights}"),
+    ]
+    for plant, message in cases:
+        plant()
+        for model in (fresh, injected):
+            before = _everything(model)
+            with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+                plora.from_peft(model, peft_dir)
+            _assert_unchanged(before, model)
+        config_path.write_text(text)
+        weights.write_bytes(data)
+    plora.from_peft(fresh, peft_dir)
+
+
+def test_from_peft_refuses_non_finite_weights_naming_the_tensor(peft_dir):
+    from safetensors.torch import load_file, save_file
+
+    weights = peft_dir / "adapter_model.safetensors"
+    state = load_file(weights)
+    key = sorted(k for k in state if "lora_A" in k)[-1]
+    state[key][1, 2] = float("nan")
+    save_file(state, weights)
+    for model in (tiny_model("bert"), _bert(seed=6)):
+        before = _everything(model)
+        with pytest.raises(ValueError, match=rf"{weights}\['{key}'\] holds non-finite values"):
+            plora.from_peft(model, peft_dir)
+        _assert_unchanged(before, model)
+
+
+def test_export_peft_failing_leaves_no_half_written_directory(peft_dir, monkeypatch):
+    target = peft_dir.parent / "fresh"
+    _fail_on_call(monkeypatch, peft_io, "save_file", 1, after=True)  # the config and weights are written, then it fails
+    with pytest.raises(RuntimeError, match="planted"):
+        plora.export_peft(_bert(seed=7), target)
+    assert sorted(p.name for p in peft_dir.parent.iterdir()) == ["adapter"]  # nothing new, no staging left
+    old = {p.name: p.read_bytes() for p in peft_dir.iterdir()}
+    monkeypatch.undo()
+    _fail_on_call(monkeypatch, peft_io, "save_file", 1, after=True)
+    with pytest.raises(RuntimeError, match="planted"):
+        plora.export_peft(_bert(seed=7), peft_dir)
+    assert {p.name: p.read_bytes() for p in peft_dir.iterdir()} == old  # the old export is intact
+    assert sorted(p.name for p in peft_dir.parent.iterdir()) == ["adapter"]
+    monkeypatch.undo()
+    plora.export_peft(_bert(seed=7), peft_dir)  # an export over an old one replaces its files
+    assert {p.name for p in peft_dir.iterdir()} == set(old) and (peft_dir / "adapter_model.safetensors").read_bytes() != old[
+        "adapter_model.safetensors"
+    ]
+    assert plora.export_peft(_bert(seed=7), target) == target and {p.name for p in target.iterdir()} == set(old)
+    assert sorted(p.name for p in peft_dir.parent.iterdir()) == ["adapter", "fresh"]
