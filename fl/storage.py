@@ -1,18 +1,96 @@
 """Crash-safe files: whole files written atomically (temporary file, fsync, rename), JSON lines appended
-whole and read back without a torn last line."""
+whole and read back without a torn last line; standard JSON only, and checksums.
+
+JSON has no NaN or infinity: a non-finite float is written as the string ``"NaN"``, ``"Infinity"`` or
+``"-Infinity"`` (``float()`` of each gives the value back; ``restore_floats`` does it for a record). Every
+JSON error names its file (and line, for JSON lines). Files are created without following a symbolic
+link planted at their place.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
+#: How a non-finite float is written (JSON has no such numbers).
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class FileFormatError(ValueError):
+    """A file of a run that cannot be read as what it should be; the message names the file."""
+
+
+def finite_json(value):
+    """``value`` with every non-finite float replaced by its string (``NONFINITE``), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(payload, indent: int | None = None) -> str:
+    """Standard JSON (non-finite floats as strings; anything else non-standard raises)."""
+    return json.dumps(finite_json(payload), indent=indent, allow_nan=False)
+
+
+def restore_floats(record: dict, keep: tuple[str, ...] = ("method",)) -> dict:
+    """``record`` with its top-level ``"NaN"``/``"Infinity"``/``"-Infinity"`` strings back as floats (except
+    the fields ``keep``, which are strings)."""
+    return {k: NONFINITE[v] if k not in keep and isinstance(v, str) and v in NONFINITE else v for k, v in record.items()}
+
+
+def loads(text: str | bytes, path: Path, line: int | None = None):
+    """The JSON value of ``text`` read from ``path`` (``line``: the line of a JSON lines file it is);
+    ``FileFormatError`` naming the file, line and column."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as error:
+        where = f"{path}, line {line}" if line else str(path)
+        raise FileFormatError(f"{where}: not UTF-8 text (byte {error.start}); the file is damaged") from None
+    except json.JSONDecodeError as error:
+        where = f"{path}, line {line or error.lineno}, column {error.colno}"
+        raise FileFormatError(f"{where}: not valid JSON ({error.msg})") from None
+
+
+def read_json(path: Path):
+    """The JSON value of the file ``path`` (see ``loads``)."""
+    return loads(Path(path).read_bytes(), path)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_json(payload) -> str:
+    """sha256 of a JSON value's canonical form (sorted keys, no spaces): the same after a write and read."""
+    return sha256_bytes(json.dumps(finite_json(payload), sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part."""
+    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part. The temporary
+    file is created anew (never through a link planted at its place); ``path`` itself is replaced, so a
+    link there is replaced, not followed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    tmp.unlink(missing_ok=True)  # a crash's leftover
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -21,13 +99,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, payload) -> None:
-    atomic_write(path, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write(path, (dumps(payload, indent=2) + "\n").encode())
 
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append ``record`` as one line in a single write, then fsync: earlier lines are never touched."""
-    line = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = (dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         written = os.write(fd, line)
         if written != len(line):
@@ -38,15 +116,21 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of ``path``; a last line without its newline (a torn write) is ignored."""
-    text = Path(path).read_text() if Path(path).exists() else ""
-    lines = text.split("\n")[:-1]  # the part after the last newline is incomplete or empty
-    return [json.loads(line) for line in lines if line]
+    """The complete lines of ``path``; a last line without its newline (a torn write) is ignored. A line
+    that is not JSON raises ``FileFormatError`` naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is incomplete or empty
+    out = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            out.append(loads(line, path, number))
+    return out
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     """Replace ``path`` atomically with ``records``, one per line."""
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write(path, "".join(dumps(r) + "\n" for r in records).encode())
 
 
 def _sync_dir(directory: Path) -> None:
