@@ -6,11 +6,8 @@ import os
 from pathlib import Path
 
 from .metrics import score
-from .sources import SPLITS, hub_rows, local_rows
+from .sources import DATA_DIR_ENV, SPLITS, DataError, hub_rows, local_rows
 from .tasks import TASKS, TaskSpec, get_task
-
-#: Environment variable naming the local data directory (the layout of ``shared/data``).
-DATA_DIR_ENV = "FED_PLORA_DATA"
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -27,7 +24,9 @@ def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = resolve_data_dir(data_dir)
     rows = local_rows(task, split, root) if root is not None else hub_rows(task, split)
+    if not rows:
+        raise DataError(f"task {task!r}: no {split} examples in {root or 'the Hub dataset'}")
     return [spec.to_example(r) for r in rows]
 
 
-__all__ = ["DATA_DIR_ENV", "TASKS", "TaskSpec", "get_task", "load_examples", "resolve_data_dir", "score"]
+__all__ = ["DATA_DIR_ENV", "TASKS", "DataError", "TaskSpec", "get_task", "load_examples", "resolve_data_dir", "score"]

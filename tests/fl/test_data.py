@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import DATA, needs_data
 
-from fed_plora.fl.data import DATA_DIR_ENV, TASKS, load_examples, resolve_data_dir
+from fed_plora.fl.data import DATA_DIR_ENV, TASKS, DataError, load_examples, resolve_data_dir
 from fed_plora.fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
 from fed_plora.fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
 from fed_plora.fl.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
@@ -52,6 +52,141 @@ def test_errors_name_the_missing_file_or_task(tmp_path, monkeypatch):
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
     assert resolve_data_dir(None) == tmp_path
     assert resolve_data_dir("elsewhere") == Path("elsewhere")
+
+
+GLUE_GOOD = {  # one good row of each GLUE file (after the header, where there is one)
+    "cola": ("glue/CoLA/in_domain_train.tsv", "", "gj04\t1\t\tA sentence.\n"),
+    "sst2": ("glue/SST-2/train.tsv", "sentence\tlabel\n", "a fine film \t1\n"),
+    "mrpc": ("glue/MRPC/train.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n", "1\t1\t2\tOne.\tTwo.\n"),
+    "rte": ("glue/RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n", "0\tOne.\tTwo.\tentailment\n"),
+}
+
+#: (task, file, content, expected message): every local loader error names the file, the line (and the
+#: column or field) and what was expected.
+BAD_FILES = [
+    (
+        "cola",
+        None,
+        "gj04\t1\t\tA sentence.\ngj04\t1\tno sentence\n",
+        r"in_domain_train.tsv, line 2: expected 4 tab-separated columns \(source, label, original label, sentence\), got 3",
+    ),
+    (
+        "cola",
+        None,
+        "gj04\t1\t\tOne.\ngj04\t7\t\tTwo.\n",
+        r"in_domain_train.tsv, line 2, column 2 \(label\): expected a label in \{0, 1\}, got '7'",
+    ),
+    ("cola", None, "gj04\t-1\t\tOne.\n", r"line 1, column 2 \(label\): expected a label in \{0, 1\}, got '-1'"),
+    (
+        "sst2",
+        None,
+        "sentence\tlabel\nfine\tpositive\n",
+        r"train.tsv, line 2, column 2 \(label\): expected a label in \{0, 1\}, got 'positive'",
+    ),
+    ("sst2", None, "text\tlabel\nfine\t1\n", r"train.tsv, line 1 \(header\): expected the columns sentence, label"),
+    (
+        "sst2",
+        None,
+        "sentence\tlabel\nfine\t1\n\nworse\t0\n",
+        r"train.tsv, line 3: a blank line; expected 2 tab-separated columns",
+    ),
+    ("sst2", None, "sentence\tlabel\n", r"train.tsv: no rows"),
+    (
+        "mrpc",
+        None,
+        "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n2\t1\t2\tOne.\tTwo.\n",
+        r"MRPC/train.tsv, line 2, column 1 \(Quality\): expected a label in \{0, 1\}, got '2'",
+    ),
+    (
+        "rte",
+        None,
+        "index\tsentence1\tsentence2\tlabel\n0\tOne.\tTwo.\tcontradiction\n",
+        r"RTE/train.tsv, line 2, column 4 \(label\): expected a label in \{entailment, not_entailment\}",
+    ),
+    (
+        "cola",
+        None,
+        b"gj04\t1\t\tOne.\n\x89PNG\r\n\x1a\n\x00\xff\xfe",
+        r"in_domain_train.tsv, line 2, byte 1: not UTF-8 text \(0x89\)",
+    ),
+    ("cola", None, b"gj04\t1\t\tOne.\n\x00\x00\x00", r"in_domain_train.tsv, line 2: a NUL character"),
+    ("cola", None, "", r"in_domain_train.tsv: the file is empty \(expected a GLUE cola file of 4 tab-separated columns"),
+    (
+        "gsm8k",
+        "gsm8k/train.jsonl",
+        '{"question": "q", "answer": "a"}\n{"question": "q", "answer": \n',
+        r"gsm8k/train.jsonl, line 2, column \d+: not valid JSON",
+    ),
+    (
+        "gsm8k",
+        "gsm8k/train.jsonl",
+        '{"question": "q", "answer": 4}\n',
+        r"gsm8k/train.jsonl, line 1, field 'answer': expected a string, got 4",
+    ),
+    ("gsm8k", "gsm8k/train.jsonl", '["q", "a"]\n', r"gsm8k/train.jsonl, line 1: a JSON list; expected one JSON object per line"),
+    (
+        "dolly",
+        "dolly/databricks-dolly-15k.jsonl",
+        '{"instruction": "i", "context": "", "response": "r"}\n',
+        r"line 1, field 'category': expected a string, got missing",
+    ),
+    (
+        "pubmedqa",
+        "pubmedqa/ori_pqal.json",
+        '{"1": {"QUESTION": "q", "CONTEXTS": ["c"], "final_decision": "perhaps"}}',
+        r"ori_pqal.json, record '1', field 'final_decision': expected one of yes, no, maybe, got 'perhaps'",
+    ),
+    (
+        "pubmedqa",
+        "pubmedqa/ori_pqal.json",
+        '{"1": {"QUESTION": "q",\n "CONTEXTS": ["c"]',
+        r"ori_pqal.json, line 2, column \d+: not valid JSON",
+    ),
+]
+
+
+@pytest.mark.parametrize(("task", "name", "content", "message"), BAD_FILES)
+def test_local_loader_errors_name_the_file_and_line(tmp_path, task, name, content, message):
+    name = name or GLUE_GOOD[task][0]
+    path = tmp_path / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if task == "pubmedqa":
+        (tmp_path / "pubmedqa" / "test_ground_truth.json").write_text('{"2": "yes"}')
+    with pytest.raises(DataError, match=message):
+        load_examples(task, "train", tmp_path)
+
+
+@pytest.mark.parametrize("task", list(GLUE_GOOD))
+def test_good_glue_rows_load(tmp_path, task):
+    name, header, row = GLUE_GOOD[task]
+    (tmp_path / name).parent.mkdir(parents=True)
+    (tmp_path / name).write_text(header + row + row.replace("\t1\t", "\t0\t").replace("1\t1\t2", "0\t1\t2"))
+    examples = load_examples(task, "train", tmp_path)
+    assert len(examples) == 2 and {e["label"] for e in examples} <= {0, 1}
+
+
+def test_the_hub_unreachable_points_to_data_dir(monkeypatch):
+    """Without --data-dir and without the Hub, the error says how to read local files."""
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    with pytest.raises(
+        DataError, match=r"cannot read the Hugging Face Hub dataset nyu-mll/glue .*pass --data-dir DIR or set \$FED_PLORA_DATA"
+    ):
+        load_examples("cola", "train")
+
+
+def test_hub_labels_outside_the_label_set_are_refused(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: [{"sentence": "s", "label": 0}, {"sentence": "t", "label": -1}])
+    with pytest.raises(DataError, match=r"nyu-mll/glue \(cola, train\), row 1: expected a label in \{0, 1\}, got -1"):
+        load_examples("cola", "train")
 
 
 def test_metrics_by_hand():
