@@ -1,16 +1,29 @@
 """Run configuration: a TOML file of sections ``[run]``, ``[task]``, ``[model]``, ``[federation]``,
 ``[train]``, ``[methods]`` (with one table of options per method, ``[methods.fedit]``), each field
-overridable as ``section.key=value`` or ``methods.<method>.key=value`` (values parsed as TOML)."""
+overridable as ``section.key=value`` or ``methods.<method>.key=value`` (values parsed as TOML).
+
+Every field is checked when it is set and the whole config when it is loaded (``Config.validate``: types,
+ranges and the fields that depend on each other; a method's table by its strategy's ``Options``): a bad
+value raises ``ConfigError`` naming the field, its value and what is allowed. A bool is not an integer;
+an integer is accepted (as a float) where a float is expected.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
+from .data.tasks import TASKS
 from .strategies import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message names the field, its value and what is allowed."""
 
 
 @dataclass
@@ -99,19 +112,237 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
-        """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file); the fields of
-        ``MOVED`` are read at their new place."""
+        """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file; a float field
+        also reads ``"Infinity"``, ``"-Infinity"`` and ``"NaN"``, as ``config.json`` writes them); the
+        fields of ``MOVED`` are read at their new place. The result is validated."""
         config = cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"config dict: expected a table of sections, got {type(data).__name__}")
         for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"config dict: {section} must be a table of fields, got {table!r}")
             for key, value in table.items():
-                path = MOVED.get(f"{section}.{key}", f"{section}.{key}").split(".")
-                _apply(config, path, value, "config dict")
-        return config
+                dotted = MOVED.get(f"{section}.{key}", f"{section}.{key}")
+                if isinstance(value, str) and value in NONFINITE and getattr(FIELDS.get(dotted), "number", False):
+                    value = NONFINITE[value]
+                _apply(config, dotted.split("."), value, "config dict")
+        return config.validate("config dict")
+
+    def validate(self, origin: str = "config") -> Config:
+        """Check every field and the fields that depend on each other; ``ConfigError`` naming the first bad
+        one (``origin``: where the config came from, for the message). Returns the config."""
+        for dotted, check in FIELDS.items():
+            section, key = dotted.split(".")
+            setattr(getattr(self, section), key, _checked(check, dotted, getattr(getattr(self, section), key), origin))
+        for name in STRATEGIES:
+            _check_options(getattr(self.methods, name), f"methods.{name}", origin)
+        for problem in _cross_checks(self):
+            raise ConfigError(f"{origin}: {problem}")
+        return self
+
+
+#: The non-finite floats as ``config.json`` (standard JSON) writes them (see ``fl.storage``).
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A field's rule: ``test(value)`` is the value to keep (an int made a float where a float is expected)
+    or raises ``ValueError``; ``allowed`` says what is allowed, for the message; ``number``: a float field."""
+
+    test: Callable
+    allowed: str
+    number: bool = False
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(low: int, high: int | None = None, optional: bool = False) -> Check:
+    def test(value):
+        if value is None and optional:
+            return None
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            raise ValueError
+        return value
+
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    return Check(test, allowed + (", or unset" if optional else ""))
+
+
+def number(
+    low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False, optional: bool = False, inf: bool = False
+) -> Check:
+    def test(value):
+        if value is None and optional:
+            return None
+        if not (_is_int(value) or isinstance(value, float)) or math.isnan(value) or (math.isinf(value) and not inf):
+            raise ValueError
+        value = float(value)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise ValueError
+        return value
+
+    closed = not high_open and (high < math.inf or inf)
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if closed else ')'}"
+    allowed = f"a number in {interval}" + (", or unset" if optional else "")
+    return Check(test, allowed, number=True)
+
+
+def choice(options) -> Check:
+    options = tuple(options)
+
+    def test(value):
+        if not isinstance(value, str) or value not in options:
+            raise ValueError
+        return value
+
+    return Check(test, f"one of {', '.join(options)}")
+
+
+def text(optional: bool = False) -> Check:
+    def test(value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ValueError
+        return value
+
+    return Check(test, "a non-empty string" + (", or unset" if optional else ""))
+
+
+def plain_name() -> Check:
+    def test(value):
+        if not isinstance(value, str) or not is_plain_name(value):
+            raise ValueError
+        return value
+
+    return Check(test, "a plain directory name (not empty, not '.' or '..', no '/', '\\' or NUL)")
+
+
+def is_plain_name(name: str) -> bool:
+    """A file or directory name that stays in its directory: not empty, not ``.``/``..``, no separator."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and name.strip() == name
+
+
+def strings(optional: bool = False, empty: bool = True) -> Check:
+    def test(value):
+        if value is None and optional:
+            return None
+        if not isinstance(value, list) or not (empty or value) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError
+        return value
+
+    allowed = ("a list" if empty else "a non-empty list") + " of non-empty strings" + (", or unset" if optional else "")
+    return Check(test, allowed)
+
+
+def integers(low: int) -> Check:
+    def test(value):
+        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= low for v in value):
+            raise ValueError
+        return value
+
+    return Check(test, f"a non-empty list of integers >= {low}")
+
+
+def method_names() -> Check:
+    def test(value):
+        if not isinstance(value, list) or not value or len(set(value)) != len(value):
+            raise ValueError
+        if not all(isinstance(v, str) and v in STRATEGIES for v in value):
+            raise ValueError
+        return value
+
+    return Check(test, f"a non-empty list of distinct methods from {', '.join(STRATEGIES)}")
+
+
+#: The rule of every field of the sections (a method's table is checked by its strategy's ``Options``).
+FIELDS: dict[str, Check] = {
+    "run.name": plain_name(),
+    "run.out_dir": text(),
+    "run.seed": integer(0, 2**63 - 1),
+    "run.device": choice(("auto", "cpu", "cuda")),
+    "task.name": choice(TASKS),
+    "task.data_dir": text(optional=True),
+    "task.max_train_examples": integer(1, optional=True),
+    "task.max_eval_examples": integer(1, optional=True),
+    "task.max_length": integer(1),
+    "task.max_new_tokens": integer(1, optional=True),
+    "model.name": text(),
+    "model.rank": integer(1),
+    "model.alpha": number(0, low_open=True),
+    "model.target_modules": strings(optional=True, empty=False),
+    "model.dropout": number(0, 1, high_open=True),
+    "model.extra_trainable": strings(optional=True),
+    "model.precision": choice(("auto", "fp32", "bf16")),
+    "federation.clients": integer(1),
+    "federation.fraction": number(0, 1, low_open=True),
+    "federation.rounds": integer(1),
+    "federation.partition": choice(("iid", "dirichlet", "category")),
+    "federation.dirichlet_alpha": number(0, low_open=True),
+    "federation.rank_scheme": choice(("uniform", "cycle", "heavy_tail", "fixed")),
+    "federation.rank_choices": integers(1),
+    "federation.weighting": choice(("data", "uniform")),
+    "federation.update_norm_bound": number(0, low_open=True, inf=True),
+    "train.local_steps": integer(0, optional=True),
+    "train.local_epochs": number(0, low_open=True, optional=True),
+    "train.batch_size": integer(1),
+    "train.lr": number(0, low_open=True),
+    "train.weight_decay": number(0),
+    "train.eval_every": integer(1),
+    "train.eval_batch_size": integer(1),
+    "methods.names": method_names(),
+}
+
+
+def _checked(check: Check, dotted: str, value, origin: str):
+    try:
+        return check.test(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{origin}: {dotted} = {value!r}: must be {check.allowed}") from None
+
+
+def _check_options(options, dotted: str, origin: str) -> None:
+    """A method's table, checked by its ``Options`` (``__post_init__``)."""
+    validate = getattr(options, "__post_init__", None)
+    if validate is not None:
+        try:
+            validate()
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{origin}: {dotted}: {error}") from None
+
+
+def _cross_checks(config: Config):
+    """The problems of fields that depend on each other (as messages naming the fields)."""
+    fed, train, task, model = config.federation, config.train, config.task, config.model
+    bad = [r for r in fed.rank_choices if r > model.rank]
+    if bad:
+        yield f"federation.rank_choices = {fed.rank_choices}: every rank must lie in [1, model.rank = {model.rank}], not {bad}"
+    if fed.rank_scheme == "fixed" and len(fed.rank_choices) != fed.clients:
+        yield (
+            f"federation.rank_choices = {fed.rank_choices}: rank_scheme 'fixed' needs one rank per client "
+            f"(federation.clients = {fed.clients})"
+        )
+    if not train.local_steps and not train.local_epochs:
+        steps, epochs = train.local_steps, train.local_epochs
+        yield f"train.local_steps = {steps!r}, train.local_epochs = {epochs!r}: set local_steps >= 1 or local_epochs > 0"
+    if train.local_steps and train.local_epochs:
+        yield (
+            f"train.local_epochs = {train.local_epochs!r} would be ignored while train.local_steps = {train.local_steps}: "
+            "set train.local_steps = 0 to train by epochs, or leave local_epochs unset"
+        )
+    if task.max_train_examples is not None and task.max_train_examples < fed.clients:
+        yield f"task.max_train_examples = {task.max_train_examples}: fewer than federation.clients = {fed.clients}"
+    rank = config.methods.fedit.client_rank
+    if rank is not None and rank > model.rank:
+        yield f"methods.fedit.client_rank = {rank}: must lie in [1, model.rank = {model.rank}]"
 
 
 def _apply(config: Config, path: list[str], value, origin: str) -> None:
     """Set the field at ``path`` (``["methods", "fedit", "client_rank"]``); a table (a dict) sets its
-    keys one by one. A method's options are validated as they are set."""
+    keys one by one. Every value is checked as it is set (a method's options by its ``Options``)."""
     dotted = ".".join(path)
     if dotted in MOVED:
         raise KeyError(f"{origin}: {dotted} is now {MOVED[dotted]}")
@@ -122,13 +353,11 @@ def _apply(config: Config, path: list[str], value, origin: str) -> None:
         for name, item in value.items():
             _apply(config, [*path, name], item, origin)
         return
+    if dotted in FIELDS:
+        value = _checked(FIELDS[dotted], dotted, value, origin)
     setattr(table, key, value)
-    validate = getattr(table, "__post_init__", None)  # a method's options check themselves
-    if validate is not None:
-        try:
-            validate()
-        except ValueError as error:
-            raise ValueError(f"{origin}: {'.'.join(path[:-1])}: {error}") from None
+    if path[0] == "methods" and len(path) == 3:
+        _check_options(table, ".".join(path[:-1]), origin)
 
 
 def _table(config: Config, path: list[str], origin: str):
@@ -147,14 +376,18 @@ def _table(config: Config, path: list[str], origin: str):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """The defaults, then the TOML file at ``path``, then ``overrides`` (``"section.key=value"``)."""
+    """The defaults, then the TOML file at ``path``, then ``overrides`` (``"section.key=value"``); validated
+    as a whole (``Config.validate``)."""
     config = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config {path}: not valid TOML ({error})") from None
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise KeyError(f"config {path}: top-level key {section!r} must be a [section]")
@@ -169,7 +402,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except tomllib.TOMLDecodeError:
             value = raw.strip()  # a bare word: a string
         _apply(config, keys, value, f"override {item!r}")
-    return config
+    origin = "config" if path is None else f"config {path}" + (" with overrides" if overrides else "")
+    return config.validate(origin)
 
 
 def toml_literal(value) -> str:

@@ -46,5 +46,12 @@ def test_a_config_json_from_before_the_method_tables_reads():
 
 
 def test_toml_literal_round_trips():
-    for value in ['a "quoted" \\ path', [1, 2], 0.5, ["x", "y"]]:
-        assert load_config(None, [f"model.target_modules={toml_literal(value)}"]).model.target_modules == value
+    cases = {
+        "model.name": 'a "quoted" \\ path',
+        "federation.rank_choices": [1, 2],
+        "train.lr": 0.5,
+        "model.target_modules": ["x", "y"],
+    }
+    for key, value in cases.items():
+        section, field = key.split(".")
+        assert getattr(getattr(load_config(None, [f"{key}={toml_literal(value)}"]), section), field) == value
