@@ -22,7 +22,6 @@ from .evaluation import evaluate
 from .model import inject_configured, linear_weight_count, read_adapter, write_adapter
 from .rounds import ClientResult, RoundPlan, Server, round_info
 from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy_class
-from .strategies.lowrank import concat
 
 
 class FederatedServer(Server):
@@ -134,19 +133,14 @@ class FederatedServer(Server):
             "trainable_params": trainable,
             "train_flops": costs.training_flops(stats.tokens, self.frozen_params, trainable),
             "fold_flops": fold,
-            "init_noise": noise.initialisation_noise(plan.adapter, global_update),
+            "init_noise": noise.initialisation_noise((plan.adapter[n], global_update[n]) for n in self.shapes),
         }
 
     def _aggregation_noise(self, aggregated: RoundResult, updates: list[ClientUpdate]) -> float | None:
         """Noise of the new global update against ``Σ p_i ΔW_i`` with data-size weights ``p_i``."""
         sizes = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = (sizes / sizes.sum()).tolist()
-        ideal = {n: concat([(w, u.adapter[n]) for w, u in zip(weights, updates)]) for n in self.shapes}
-        result = {n: self.strategy.global_factors(n) for n in self.shapes}
-        if aggregated.base_update is not None:
-            for name, update in aggregated.base_update.items():
-                result[name] = concat([(1.0, result[name]), (1.0, update)])
-        return noise.aggregation_noise(result, ideal)
+        return noise.round_aggregation_noise(self.strategy, aggregated.base_update, updates, weights)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -10,7 +10,7 @@ A ``Factors(a [r, K], b [N, r])`` stands for the ``[N, K]`` matrix ``b @ a``. Ev
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -35,33 +35,94 @@ def concat(terms: Sequence[tuple[float, Factors]]) -> Factors:
     return Factors(torch.cat(rows), torch.cat(cols, dim=1))
 
 
+def module_norms(x: Factors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared norms of every module's row of ``a`` and column of ``b``, ``([r], [r])`` in fp32 (a module is live
+    when both are nonzero; entries below ~1e-19 square to zero and count as zero)."""
+    return (x.a.float() * x.a.float()).sum(1), (x.b.float() * x.b.float()).sum(0)
+
+
+def live(x: Factors) -> Factors:
+    """``x`` without the modules whose row of ``a`` or column of ``b`` is zero (they add nothing to ``b @ a``)."""
+    a_norms, b_norms = module_norms(x)
+    keep = (a_norms > 0) & (b_norms > 0)
+    return x if bool(keep.all()) else Factors(x.a[keep], x.b[:, keep])
+
+
+def merged(terms: Sequence[tuple[float, Factors]]) -> Factors:
+    """``Σ c_i b_i a_i`` like ``concat`` (and in its order: term by term, module by module), for terms of ``R``
+    modules each (module ``j``: row ``j`` of ``a``, column ``j`` of ``b``), with zero modules left out and a
+    module that several terms hold with equal values entered once, where it first occurs, with the sum of
+    their coefficients: clients' untrained modules, which are the global model's, count once, not once per
+    client. Modules are compared by their norms first, by value only when those agree."""
+    groups: dict[tuple[int, float, float], list[list]] = {}  # (j, ‖a_j‖², ‖b_j‖²) -> [[coefficient, a_j, b_j]]
+    order: list[list] = []
+    for c, f in terms:
+        a_norms, b_norms = (n.tolist() for n in module_norms(f))
+        for j, key in enumerate(zip(a_norms, b_norms)):
+            if key[0] == 0.0 or key[1] == 0.0:
+                continue
+            a_j, b_j = f.a[j], f.b[:, j]
+            candidates = groups.setdefault((j, *key), [])
+            same = next((g for g in candidates if torch.equal(g[1], a_j) and torch.equal(g[2], b_j)), None)
+            if same is None:
+                candidates.append([c, a_j, b_j])
+                order.append(candidates[-1])
+            else:
+                same[0] += c
+    if not order:
+        first = terms[0][1]
+        return Factors(first.a.new_zeros(0, first.a.shape[1]).float(), first.b.new_zeros(first.b.shape[0], 0).float())
+    rows = torch.stack([c * a_j.float() for c, a_j, _ in order])
+    return Factors(rows, torch.stack([b_j.float() for *_, b_j in order], dim=1))
+
+
+def _float64(x: Factors) -> Factors:
+    return Factors(x.a.double(), x.b.double())
+
+
+def _gram_inner(x: Factors, y: Factors) -> float:
+    """``Σ (x.bᵀ y.b ∘ x.a y.aᵀ)`` of two float64 pairs."""
+    return float(((x.b.T @ y.b) * (x.a @ y.a.T)).sum())
+
+
 def inner(x: Factors, y: Factors) -> float:
     """``⟨x.b @ x.a, y.b @ y.a⟩_F`` in float64, from ``x.bᵀ y.b [r_x, r_y]`` and ``x.a y.aᵀ [r_x, r_y]``."""
-    b_gram = x.b.double().T @ y.b.double()
-    a_gram = x.a.double() @ y.a.double().T
-    return float((b_gram * a_gram).sum())
+    return _gram_inner(_float64(x), _float64(y))
 
 
 def squared_norm(x: Factors) -> float:
     """``‖x.b @ x.a‖²_F`` in float64."""
-    return max(inner(x, x), 0.0)
+    x = _float64(x)
+    return max(_gram_inner(x, x), 0.0)
+
+
+def distance_and_norm(x: Factors, y: Factors) -> tuple[float, float]:
+    """``(‖x.b @ x.a − y.b @ y.a‖²_F, ‖y.b @ y.a‖²_F)`` in float64 (``‖x‖² + ‖y‖² − 2⟨x, y⟩``, clamped at 0); the
+    distance is exactly 0, at the cost of a comparison, when the two pairs hold the same live modules."""
+    x, y = live(x), live(y)
+    y64 = _float64(y)
+    norm_y = max(_gram_inner(y64, y64), 0.0)
+    if x.a.shape == y.a.shape and torch.equal(x.a, y.a) and torch.equal(x.b, y.b):
+        return 0.0, norm_y
+    x64 = _float64(x)
+    return max(_gram_inner(x64, x64) + norm_y - 2.0 * _gram_inner(x64, y64), 0.0), norm_y
 
 
 def squared_distance(x: Factors, y: Factors) -> float:
-    """``‖x.b @ x.a − y.b @ y.a‖²_F`` in float64 (``‖x‖² + ‖y‖² − 2⟨x, y⟩``, clamped at 0; exactly 0 when the
-    two pairs are equal)."""
-    return max(squared_norm(x) + squared_norm(y) - 2.0 * inner(x, y), 0.0)
+    """``‖x.b @ x.a − y.b @ y.a‖²_F`` (see ``distance_and_norm``)."""
+    return distance_and_norm(x, y)[0]
 
 
-def relative_error(estimate: Mapping[str, Factors], target: Mapping[str, Factors]) -> float | None:
-    """``‖estimate − target‖_F / ‖target‖_F`` over all layers together (sums of squares across layers).
+def relative_error(layers: Iterable[tuple[Factors, Factors]]) -> float | None:
+    """``‖estimate − target‖_F / ‖target‖_F`` over all layers together (sums of squares across layers), from
+    ``(estimate, target)`` pairs, one per layer, taken one at a time (a generator holds one layer's stacks).
 
     0.0 when the two agree exactly (also when both are zero); None when only the target is zero.
     """
-    if estimate.keys() != target.keys():
-        raise ValueError(f"estimate and target must name the same layers, got {sorted(estimate)} vs {sorted(target)}")
-    num = sum(squared_distance(estimate[n], target[n]) for n in target)
-    den = sum(squared_norm(target[n]) for n in target)
+    num = den = 0.0
+    for estimate, target in layers:
+        distance, norm = distance_and_norm(estimate, target)
+        num, den = num + distance, den + norm
     if num == 0.0:
         return 0.0
     return math.sqrt(num / den) if den > 0 else None

@@ -16,6 +16,7 @@ from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
 from fed_plora.fl.strategies.lowrank import (
     concat,
     inner,
+    merged,
     orthonormal_complement,
     relative_error,
     squared_distance,
@@ -60,10 +61,35 @@ def test_relative_error_and_noise_over_layers():
     estimate = {"l1": factors(9, 6, 2, 7), "l2": target["l2"]}
     num = sum(float((dense(estimate[n]) - dense(target[n])).norm() ** 2) for n in target)
     den = sum(float(dense(target[n]).norm() ** 2) for n in target)
-    assert relative_error(estimate, target) == pytest.approx((num / den) ** 0.5, rel=1e-10)
-    assert initialisation_noise(estimate, target) == aggregation_noise(estimate, target) == relative_error(estimate, target)
+
+    def pairs(x, y):
+        return [(x[n], y[n]) for n in y]
+
+    expected = (num / den) ** 0.5
+    assert relative_error(pairs(estimate, target)) == pytest.approx(expected, rel=1e-10)
+    assert (
+        initialisation_noise(pairs(estimate, target))
+        == aggregation_noise(pairs(estimate, target))
+        == relative_error(pairs(estimate, target))
+    )
     zero = {n: Factors(torch.zeros_like(f.a), f.b) for n, f in target.items()}
-    assert relative_error(zero, zero) == 0.0 and relative_error(target, zero) is None
+    assert relative_error(pairs(zero, zero)) == 0.0 and relative_error(pairs(target, zero)) is None
+
+
+def test_merged_counts_a_shared_module_once():
+    """Clients' untrained modules are the global model's: ``merged`` keeps each once, with summed weights."""
+    shared = factors(12, 9, 4, 10)
+    own = factors(12, 9, 4, 11)
+    one = Factors(torch.cat([own.a[:2], shared.a[2:]]), torch.cat([own.b[:, :2], shared.b[:, 2:]], dim=1))
+    two = Factors(
+        torch.cat([shared.a[:1], own.a[1:3] * 2, shared.a[3:]]),
+        torch.cat([shared.b[:, :1], own.b[:, 1:3], shared.b[:, 3:]], dim=1),
+    )
+    zero = Factors(torch.zeros(4, 9), shared.b)
+    terms = [(0.3, one), (0.5, two), (0.2, zero)]
+    m = merged(terms)
+    assert m.a.shape[0] == 7  # 8 live modules of the first two clients, module 3 shared by both; the third dead
+    torch.testing.assert_close(dense(m), sum(c * dense(f) for c, f in terms), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n, k, r", SHAPES)
@@ -133,9 +159,8 @@ def test_hetlora_weights_equal_the_dense_norm_weights():
 
 ROUND_ON_A_LARGE_LAYER = """
 import json, resource, sys, torch
-from fed_plora.fl.noise import aggregation_noise, initialisation_noise
+from fed_plora.fl.noise import initialisation_noise, round_aggregation_noise
 from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
-from fed_plora.fl.strategies.lowrank import concat
 torch.set_num_threads(1)
 n = k = int(sys.argv[1]); rank = 16
 gen = torch.Generator().manual_seed(0)
@@ -150,10 +175,10 @@ for method in ("flexlora", "hetlora", "fedplora"):
         a, b = start["layer"].a.clone(), torch.zeros(n, rank)
         b[:, :r] = torch.randn(n, r, generator=gen) * 1e-2
         updates.append(ClientUpdate(client, 100 + client, {"layer": Factors(a, b)}, {"layer": torch.arange(r)}, {}))
-    s.aggregate(0, updates)
-    ideal = {"layer": concat([(0.1, u.adapter["layer"]) for u in updates])}
-    initialisation_noise({"layer": updates[0].adapter["layer"]}, {"layer": s.global_factors("layer")})
-    aggregation_noise({"layer": s.global_factors("layer")}, ideal)
+    for u in updates:
+        initialisation_noise([(u.adapter["layer"], s.global_factors("layer"))])
+    result = s.aggregate(0, updates)
+    round_aggregation_noise(s, result.base_update, updates, [0.1] * 10)
     peak[method] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
 print(json.dumps(peak))
 """
