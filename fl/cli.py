@@ -1,5 +1,10 @@
 """``fed-plora run``: one command for any method on any task, from a config file and flags;
-``fed-plora resume <run_dir>``: continue a killed run."""
+``fed-plora resume <run_dir>``: continue a killed run.
+
+Exit status: 0 on success; 1 when the run finished but, for some method, every client of every round
+failed (its results are the untrained model's); 2 when the run was refused before it started (a bad
+config, a run directory in the way or changed, unreadable data): nothing was written then.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,15 @@ import argparse
 import shlex
 import sys
 
-from .config import load_config, toml_literal
-from .data import TASKS
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config, toml_literal
+from .data import TASKS, DataError
+from .storage import FileFormatError
 from .strategies import STRATEGIES
+
+#: Errors that stop a run with a message and exit status 2 (no traceback): a bad config, a run directory
+#: that cannot be used (``experiment.RunDirectoryError``), data or files that cannot be read.
+REFUSALS = (ConfigError, DataError, CheckpointError, FileFormatError, FileNotFoundError)
 
 #: Flags that are shortcuts for ``--set section.key=value``.
 SHORTCUTS = {
@@ -47,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override any config field (repeatable), a method's option as methods.<method>.key=value",
     )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the run directory (its logs and checkpoints)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     resume = sub.add_parser("resume", help="continue a killed run from its last per-round checkpoint")
     resume.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
@@ -58,6 +72,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    from .experiment import RunDirectoryError, RunFailed
+
+    try:
+        return _run(args, argv)
+    except RunFailed as failed:
+        print(f"\n{failed.table}\n\nrun directory: {failed.directory}", flush=True)
+        print(f"fed-plora: error: {failed}", file=sys.stderr)
+        return 1
+    except (RunDirectoryError, *REFUSALS) as error:
+        print(f"fed-plora: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_transformers()
     command = "fed-plora " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "resume":
@@ -71,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.methods:
         overrides.append(f"methods.names={toml_literal([m.strip() for m in args.methods.split(',') if m.strip()])}")
-    config = load_config(args.config, overrides + args.set)
+    try:
+        config = load_config(args.config, overrides + args.set)
+    except (KeyError, TypeError, ValueError) as error:  # unknown keys, a value for a table, a bad value
+        raise ConfigError(error.args[0] if error.args else str(error)) from None
     from .experiment import run_experiment  # heavy imports only when running
 
-    directory, table = run_experiment(config, command, progress=not args.no_progress)
+    directory, table = run_experiment(config, command, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
     return 0
 

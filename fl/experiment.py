@@ -1,24 +1,65 @@
-"""A whole run: the shared data, then each method on a freshly loaded backbone, written to a run directory."""
+"""A whole run: the shared data, then each method on a freshly loaded backbone, written to a run directory.
+
+What a run guarantees (docs/runs.md, "What a run guarantees"):
+
+- everything is checked before anything is written: the config (``Config.validate``), the device, the run
+  directory, the model (its tokenizer and config load), the task's data (every file read and checked,
+  partitioned and tokenised); a run into a directory that holds files is refused unless ``overwrite``;
+- the run directory is ``<run.out_dir>/<run.name>`` (a plain name) and every file is inside it;
+- ``manifest.json`` records the run's id, its config, the sha256 of ``config.json`` and ``clients.json``,
+  and a fingerprint of its data; checkpoints carry checksums (``fl.checkpoint``);
+- a resume refuses a run directory whose files fail their checks and a config or data that differ from
+  the run's (naming what differs); it never rewrites ``config.json``, ``clients.json`` or the manifest.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config
+from .checkpoint import LEGACY_FORMAT, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError
 from .data import get_task, load_examples, resolve_data_dir
 from .data.tokenize import encode_classification, encode_generation_eval, encode_generation_train
 from .device import pick_device, precision
-from .model import load_model, load_tokenizer
+from .model import load_model, load_tokenizer, resolve_model_path
 from .partition import assign_ranks, partition
 from .report import RunWriter
 from .simulator import Federation, simulate
+from .storage import FileFormatError, atomic_write, digest_json, dumps, finite_json, read_json, sha256_bytes, sha256_file
 from .strategies import STRATEGIES
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+#: The files a run writes at the top of its directory (besides ``checkpoints/``); ``overwrite`` removes
+#: these (and their temporary files) and the checkpoints, and refuses a directory that holds anything else.
+RUN_FILES = (MANIFEST, "config.json", "clients.json", "metrics.jsonl", "summary.md", "summary.json", "curves.png")
+_CHECKPOINT_FILE = re.compile(r"\.?(" + "|".join(STRATEGIES) + r")(\.json|\.round\d+\.safetensors)(\.tmp)?")
+#: Fields a resume may change: where the run lies and where its data lies (the data must be the same).
+_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir")
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used as asked (it holds another run, was changed, is damaged)."""
+
+
+class RunFailed(RuntimeError):
+    """A run whose every client failed in every round for some method: its results are the untrained
+    model's. Raised after the run directory is complete; ``directory``, ``table`` and ``methods`` say which."""
+
+    def __init__(self, message: str, directory: Path, table: str, methods: list[str]):
+        super().__init__(message)
+        self.directory, self.table, self.methods = directory, table, methods
 
 
 def _subset(items: list, limit: int | None, rng: np.random.Generator) -> list:
@@ -29,6 +70,11 @@ def _subset(items: list, limit: int | None, rng: np.random.Generator) -> list:
 
 def build_federation(config: Config, tokenizer) -> Federation:
     """Load, subsample, partition and tokenise the task's data; draw the client ranks."""
+    return _federation(config, tokenizer)[0]
+
+
+def _federation(config: Config, tokenizer) -> tuple[Federation, dict]:
+    """``build_federation`` and the data's fingerprint (example counts and sha256 of the examples used)."""
     task = get_task(config.task.name)
     data_dir = resolve_data_dir(config.task.data_dir)
     seed, fcfg = config.run.seed, config.federation
@@ -36,13 +82,31 @@ def build_federation(config: Config, tokenizer) -> Federation:
         load_examples(task.name, "train", data_dir), config.task.max_train_examples, np.random.default_rng([seed, 10])
     )
     evals = _subset(load_examples(task.name, "eval", data_dir), config.task.max_eval_examples, np.random.default_rng([seed, 11]))
-    shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
+    if fcfg.clients > len(train):
+        raise ConfigError(f"federation.clients = {fcfg.clients}: more than the {len(train)} training examples of {task.name}")
+    try:
+        shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
+    except (ValueError, RuntimeError) as error:
+        raise ConfigError(f"federation.partition = {fcfg.partition!r} on task {task.name}: {error}") from None
     length = config.task.max_length
     if task.kind == "classification":
+        pair = train[0]["text_pair"] is not None
+        needed = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)  # a token of every text
+        if length < needed:  # (a tokenizer does not truncate below its special tokens)
+            raise ConfigError(
+                f"task.max_length = {length}: too short for the tokenizer of {config.model.name} (at least {needed}: "
+                "its special tokens and a token of text)"
+            )
         train_f, eval_f = encode_classification(train, tokenizer, length), encode_classification(evals, tokenizer, length)
     else:
         train_f, eval_f = encode_generation_train(train, tokenizer, length), encode_generation_eval(evals, tokenizer, length)
-    return Federation(task, train_f, eval_f, shards, client_ranks(config))
+    fingerprint = {
+        "train_examples": len(train),
+        "train_sha256": digest_json(train),
+        "eval_examples": len(evals),
+        "eval_sha256": digest_json(evals),
+    }
+    return Federation(task, train_f, eval_f, shards, client_ranks(config)), fingerprint
 
 
 def client_ranks(config: Config) -> list[int]:
@@ -66,28 +130,52 @@ def client_summary(fed: Federation) -> list[dict]:
 
 
 def run_experiment(
-    config: Config, command: str = "", progress: bool = True, resume: bool = False, rounds: Callable = simulate
+    config: Config,
+    command: str = "",
+    progress: bool = True,
+    resume: bool = False,
+    rounds: Callable = simulate,
+    overwrite: bool = False,
 ) -> tuple[Path, str]:
     """Run every method of ``config`` and write the run directory; returns ``(directory, table)``.
 
-    A checkpoint is written after every round. ``resume``: continue the run already in the directory
-    from its checkpoints (``metrics.jsonl`` is cut back to them, finished methods are not re-run).
-    ``rounds``: what runs one method's rounds, with the signature of ``simulate`` (the default: clients
-    in this process; ``fl.flower.server_app`` passes clients on Flower nodes).
+    Everything is checked before anything is written (see the module). A directory that already holds
+    files is refused (``RunDirectoryError``) unless ``overwrite``, which then deletes the earlier run's
+    files and checkpoints (only files a run writes: anything else there is refused). A checkpoint is
+    written after every round. ``resume``: continue the run already in the directory from its checkpoints
+    (``metrics.jsonl`` is cut back to them, finished methods are not re-run); refused when its files fail
+    their checks or ``config`` or the data differ from the run's. ``rounds``: what runs one method's rounds,
+    with the signature of ``simulate`` (the default: clients in this process; ``fl.flower.server_app``
+    passes clients on Flower nodes).
+
+    Raises ``RunFailed`` (after the directory is complete) when, for some method, every client of every
+    round failed or was rejected.
     """
-    unknown = [m for m in config.methods.names if m not in STRATEGIES]
-    if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {', '.join(STRATEGIES)}")
+    config.validate()
     device = pick_device(config.run.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda': no CUDA device is available (use 'auto' or 'cpu')")
     base_dtype, autocast_dtype = precision(config.model.precision, device)
     directory = Path(config.run.out_dir) / config.run.name
-    saved = {m: load_checkpoint(directory / "checkpoints", m) for m in config.methods.names} if resume else {}
+    manifest, saved = None, {}
+    if resume:
+        manifest = _verified_manifest(directory)
+        if manifest is not None:
+            _same_config(manifest["config"], _config_json(config, ""), "the config given", ignore=(*_MAY_DIFFER, "command"))
+    else:
+        existing = _existing_run_files(directory, overwrite)
+    tokenizer = _tokenizer(config)
+    fed, fingerprint = _federation(config, tokenizer)
+    clients = client_summary(fed)
+    if resume:
+        run_id = _check_resumed_data(directory, manifest, fingerprint, clients)
+        saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in config.methods.names}
+        _check_checkpoints(directory, config, manifest, saved)
+    else:  # every check passed: now the run directory is written
+        if existing and overwrite:
+            _remove_run(directory, existing)
+        run_id = _start_run(directory, config, command, clients, fingerprint)
     writer = RunWriter(directory, [r for c in saved.values() if c is not None for r in c.records])
-    if not resume:
-        writer.write_json("config.json", {**config.to_dict(), "command": command})
-    tokenizer = load_tokenizer(config.model.name)
-    fed = build_federation(config, tokenizer)
-    writer.write_json("clients.json", client_summary(fed))
     task = fed.task
     results = {}
     for method in config.methods.names:
@@ -114,25 +202,237 @@ def run_experiment(
             autocast_dtype,
             on_round,
             resume=checkpoint,
-            on_checkpoint=lambda c: save_checkpoint(writer.checkpoints, c),
+            on_checkpoint=lambda c: save_checkpoint(writer.checkpoints, c, run_id),
         )
         bar.close()
         del model
     table = writer.finish(results, task.metric, command)
+    _raise_if_all_failed(results, writer.dir, table)
     return writer.dir, table
 
 
 def resume_experiment(directory: Path, progress: bool = True, data_dir: str | None = None) -> tuple[Path, str]:
     """Continue the run in ``directory`` (killed or finished) with its own ``config.json``; the results
-    equal those of an uninterrupted run. ``data_dir`` replaces the recorded data directory (same data)."""
+    equal those of an uninterrupted run. ``data_dir`` replaces the recorded data directory: the data found
+    there must be the run's (same examples), else the resume is refused."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a run directory: no config.json")
-    saved = json.loads(path.read_text())
+        raise RunDirectoryError(f"{directory} is not a run directory: no config.json")
+    manifest = _verified_manifest(directory)
+    saved = _read(path)
+    if not isinstance(saved, dict):
+        raise RunDirectoryError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    if manifest is not None:
+        _same_config(manifest["config"], saved, "config.json")
+    saved = dict(saved)
     command = saved.pop("command", "")
-    config = Config.from_dict(saved)
+    try:
+        config = Config.from_dict(saved)
+    except (ConfigError, KeyError, TypeError) as error:
+        raise RunDirectoryError(f"{path}: {error.args[0] if error.args else error}") from None
     config.run.out_dir, config.run.name = str(directory.parent), directory.name
     if data_dir is not None:
         config.task.data_dir = data_dir
     return run_experiment(config, command, progress, resume=True)
+
+
+def _tokenizer(config: Config):
+    """The model's tokenizer, its config loaded too: a model name that does not resolve fails here."""
+    from transformers import AutoConfig
+
+    name = config.model.name
+    try:
+        AutoConfig.from_pretrained(resolve_model_path(name))
+        return load_tokenizer(name)
+    except Exception as error:
+        raise ConfigError(f"model.name = {name!r}: cannot load it ({type(error).__name__}: {error})") from None
+
+
+def _existing_run_files(directory: Path, overwrite: bool) -> list[Path]:
+    """What a new run would replace in ``directory``: nothing (absent or empty), or, with ``overwrite``,
+    the files of an earlier run; ``RunDirectoryError`` otherwise."""
+    if not directory.exists() and not directory.is_symlink():
+        return []
+    if not directory.is_dir():
+        raise RunDirectoryError(f"{directory} exists and is not a directory")
+    entries = sorted(directory.iterdir())
+    if not entries:
+        return []
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+    if not overwrite:
+        raise RunDirectoryError(
+            f"run directory {directory} already holds files ({names}). Continue that run with "
+            f"`fed-plora resume {directory}`, choose another name (--name), or pass --overwrite to replace it "
+            "(its logs and checkpoints are deleted)"
+        )
+    foreign = [p for p in entries if not _is_run_file(p)]
+    checkpoints = directory / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink():
+        foreign += [
+            p for p in checkpoints.iterdir() if p.is_symlink() or not p.is_file() or not _CHECKPOINT_FILE.fullmatch(p.name)
+        ]
+    if foreign:
+        raise RunDirectoryError(
+            f"--overwrite: {directory} holds files a run does not write ({', '.join(str(p) for p in foreign[:6])}); "
+            "nothing was deleted: move them away or choose another name"
+        )
+    return entries
+
+
+def _is_run_file(path: Path) -> bool:
+    if path.name == "checkpoints":
+        return path.is_dir() and not path.is_symlink()
+    return path.name in RUN_FILES or (path.name.startswith(".") and path.name.endswith(".tmp") and path.name[1:-4] in RUN_FILES)
+
+
+def _remove_run(directory: Path, entries: list[Path]) -> None:
+    """Delete an earlier run's files (checked by ``_existing_run_files``), checkpoints first."""
+    for path in entries:
+        if path.name == "checkpoints":
+            for item in path.iterdir():
+                item.unlink()
+            path.rmdir()
+    for path in entries:
+        if path.name != "checkpoints":
+            path.unlink()
+
+
+def _config_json(config: Config, command: str) -> dict:
+    """``config.json``'s content (standard JSON: non-finite floats as strings)."""
+    return finite_json({**config.to_dict(), "command": command})
+
+
+def _start_run(directory: Path, config: Config, command: str, clients: list[dict], fingerprint: dict) -> str:
+    """Write a new run's ``manifest.json``, ``config.json`` and ``clients.json``; the run's id."""
+    directory.mkdir(parents=True, exist_ok=True)
+    content = _config_json(config, command)
+    files = {
+        "config.json": (dumps(content, indent=2) + "\n").encode(),
+        "clients.json": (dumps(clients, indent=2) + "\n").encode(),
+    }
+    body = {
+        "format": MANIFEST_FORMAT,
+        "run": secrets.token_hex(16),
+        "files": {name: sha256_bytes(data) for name, data in files.items()},
+        "config": content,
+        "data": fingerprint,
+    }
+    atomic_write(directory / MANIFEST, (dumps({**body, "sha256": digest_json(body)}, indent=2) + "\n").encode())
+    for name, data in files.items():
+        atomic_write(directory / name, data)
+    return body["run"]
+
+
+def _read(path: Path):
+    try:
+        return read_json(path)
+    except FileFormatError as error:
+        raise RunDirectoryError(str(error)) from None
+
+
+def _verified_manifest(directory: Path) -> dict | None:
+    """The run's manifest, its checksum and the files it covers checked; None for a run written before
+    manifests (a warning: such a run cannot be verified)."""
+    path = directory / MANIFEST
+    if not path.exists():
+        if not (directory / "config.json").is_file():
+            raise RunDirectoryError(f"{directory} is not a run directory: no config.json")
+        log.warning("%s has no %s (written before checksums): its files cannot be verified", directory, MANIFEST)
+        return None
+    manifest = _read(path)
+    body = {k: v for k, v in manifest.items() if k != "sha256"} if isinstance(manifest, dict) else None
+    if body is None or manifest.get("sha256") != digest_json(body):
+        raise RunDirectoryError(f"{path}: its content does not match its checksum (changed or damaged since it was written)")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise RunDirectoryError(f"{path}: manifest format {manifest.get('format')!r}, this version reads {MANIFEST_FORMAT}")
+    for name, digest in manifest["files"].items():
+        file = directory / name
+        if file.is_symlink() or not file.is_file():
+            raise RunDirectoryError(f"{file}: missing (the manifest records it); the run directory is incomplete")
+        if name != "config.json" and sha256_file(file) != digest:  # config.json: compared field by field
+            raise RunDirectoryError(
+                f"{file}: changed since the run was written (its sha256 differs from {MANIFEST}'s); it is the record of the "
+                "run's partition: restore it, or start a new run"
+            )
+    return manifest
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _same_config(recorded: dict, given: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """``RunDirectoryError`` listing every field where ``given`` differs from the run's recorded config."""
+    ours, theirs = _flat(recorded), _flat(given)
+    differ = [
+        k for k in sorted(set(ours) | set(theirs)) if k not in ignore and ours.get(k, "<absent>") != theirs.get(k, "<absent>")
+    ]
+    if differ:
+        changes = "; ".join(f"{k}: {ours.get(k, '<absent>')!r} (run) -> {theirs.get(k, '<absent>')!r}" for k in differ[:8])
+        raise RunDirectoryError(
+            f"{what} differs from the config the run was started with ({changes}{'; ...' if len(differ) > 8 else ''}): "
+            "a resume continues a run only under its own config; start a new run for another"
+        )
+
+
+def _check_resumed_data(directory: Path, manifest: dict | None, fingerprint: dict, clients: list[dict]) -> str | None:
+    """The data found now must be the run's: the same examples (manifest) and the same partition
+    (``clients.json``, never rewritten on resume). Returns the run's id."""
+    if manifest is not None and manifest["data"] != fingerprint:
+        was, now = manifest["data"], fingerprint
+        differ = ", ".join(f"{k} {was.get(k)!r} (run) -> {now[k]!r}" for k in now if was.get(k) != now[k])
+        raise RunDirectoryError(
+            f"the data found now are not the run's ({differ}): resume with the run's data (--data-dir where it lies now)"
+        )
+    path = directory / "clients.json"
+    if path.is_file():
+        recorded = _read(path)
+        if recorded != _read_back(clients):
+            raise RunDirectoryError(
+                f"{path}: the data and config give another partition of the clients than the run's; "
+                "resume with the run's data, or start a new run"
+            )
+    else:  # a run written before manifests, killed before clients.json
+        atomic_write(path, (dumps(clients, indent=2) + "\n").encode())
+    return manifest["run"] if manifest is not None else None
+
+
+def _read_back(value):
+    return json.loads(dumps(value))
+
+
+def _check_checkpoints(directory: Path, config: Config, manifest: dict | None, saved: dict) -> None:
+    for method, checkpoint in saved.items():
+        if checkpoint is None:
+            continue
+        where = directory / "checkpoints" / f"{method}.json"
+        if manifest is None and checkpoint.format != LEGACY_FORMAT:
+            raise RunDirectoryError(
+                f"{directory / MANIFEST} is missing but {where} was written with checksums: the run directory is damaged"
+            )
+        if checkpoint.rounds_done > config.federation.rounds:
+            raise RunDirectoryError(
+                f"{where}: {checkpoint.rounds_done} rounds done, more than federation.rounds = {config.federation.rounds}"
+            )
+
+
+def _raise_if_all_failed(results: dict[str, list[dict]], directory: Path, table: str) -> None:
+    """``RunFailed`` when, for some method, no round had an accepted client update."""
+    failed = {m: records for m, records in results.items() if records and all(not r.get("ranks") for r in records)}
+    if not failed:
+        return
+    reasons = []
+    for method, records in failed.items():
+        faults = [(r.get("round"), f) for r in records for f in r.get("faults") or []]
+        first = f"round {faults[0][0]}, client {faults[0][1].get('client')}: {faults[0][1].get('reason')}" if faults else "none"
+        reasons.append(f"{method} ({len(faults)} failures; first: {first})")
+    raise RunFailed(
+        f"every client of every round failed for {', '.join(failed)}: its results are those of the untrained model "
+        f"({'; '.join(reasons)}); see the faults in {directory / 'metrics.jsonl'}",
+        directory,
+        table,
+        list(failed),
+    )

@@ -118,9 +118,10 @@ def plot_curves(results: dict[str, list[dict]], metric: str, path: Path) -> Path
 
 
 class RunWriter:
-    """The run directory: ``config.json``, ``clients.json``, ``metrics.jsonl`` (one line per method and
-    round, appended as rounds finish), ``checkpoints/``, and at the end ``summary.md``, ``summary.json``
-    and ``curves.png``. Every file is written atomically; ``metrics.jsonl`` lines are appended whole.
+    """The run directory: ``metrics.jsonl`` (one line per method and round, appended as rounds finish),
+    ``checkpoints/``, and at the end ``summary.md``, ``summary.json`` and ``curves.png`` (``manifest.json``,
+    ``config.json`` and ``clients.json`` are ``run_experiment``'s). Every file is written atomically;
+    ``metrics.jsonl`` lines are appended whole; JSON is standard (non-finite floats as strings, ``fl.storage``).
 
     ``records``: the lines ``metrics.jsonl`` starts with (those of the checkpoints, on resume).
     """

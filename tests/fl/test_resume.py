@@ -91,11 +91,23 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
         assert sorted(p.name for p in (run / "checkpoints").glob(f"{method}.round*")) == [f"{method}.round3.safetensors"]
 
 
+def _as_written_before_checksums(run):
+    """Make ``run`` a run directory of an earlier version: no manifest, checkpoints of format 1 (no checksums)."""
+    (run / "manifest.json").unlink()
+    for path in (run / "checkpoints").glob("*.json"):
+        payload = json.loads(path.read_text())
+        for key in ("sha256", "tensors_sha256", "run"):
+            del payload[key]
+        path.write_text(json.dumps({**payload, "format": 1}))
+
+
 def test_resume_reads_a_run_written_before_the_method_tables(tiny_models, tmp_path):
-    """A run directory whose config.json has the old flat method options resumes as an uninterrupted run."""
+    """A run directory of an earlier version (no manifest, no checksums) whose config.json has the old flat
+    method options resumes as an uninterrupted run."""
     options = ('methods.names=["hetlora", "fedit"]', "methods.hetlora.prune_gamma=0.5", "methods.fedit.client_rank=2")
     straight, _ = run_experiment(tiny_config(tiny_models, tmp_path, 'run.name="straight"', *options), progress=False)
     old, _ = run_experiment(tiny_config(tiny_models, tmp_path, 'run.name="old"', "federation.rounds=1", *options), progress=False)
+    _as_written_before_checksums(old)
     saved = json.loads((old / "config.json").read_text())
     saved["methods"] = {"names": saved["methods"]["names"], "fold_mode": "merge", "fedit_rank": 2, "hetlora_prune_gamma": 0.5}
     saved["federation"]["rounds"] = 2
