@@ -168,9 +168,10 @@ def run_experiment(
     fed, fingerprint = _federation(config, tokenizer)
     clients = client_summary(fed)
     if resume:
-        run_id = _check_resumed_data(directory, manifest, fingerprint, clients)
+        run_id = manifest["run"] if manifest is not None else None
         saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in config.methods.names}
         _check_checkpoints(directory, config, manifest, saved)
+        _check_resumed_data(directory, manifest, fingerprint, clients)
     else:  # every check passed: now the run directory is written
         if existing and overwrite:
             _remove_run(directory, existing)
@@ -378,9 +379,10 @@ def _same_config(recorded: dict, given: dict, what: str, ignore: tuple[str, ...]
         )
 
 
-def _check_resumed_data(directory: Path, manifest: dict | None, fingerprint: dict, clients: list[dict]) -> str | None:
+def _check_resumed_data(directory: Path, manifest: dict | None, fingerprint: dict, clients: list[dict]) -> None:
     """The data found now must be the run's: the same examples (manifest) and the same partition
-    (``clients.json``, never rewritten on resume). Returns the run's id."""
+    (``clients.json``, never rewritten on resume; written only for a run from before manifests that
+    was killed before it)."""
     if manifest is not None and manifest["data"] != fingerprint:
         was, now = manifest["data"], fingerprint
         differ = ", ".join(f"{k} {was.get(k)!r} (run) -> {now[k]!r}" for k in now if was.get(k) != now[k])
@@ -397,7 +399,6 @@ def _check_resumed_data(directory: Path, manifest: dict | None, fingerprint: dic
             )
     else:  # a run written before manifests, killed before clients.json
         atomic_write(path, (dumps(clients, indent=2) + "\n").encode())
-    return manifest["run"] if manifest is not None else None
 
 
 def _read_back(value):
