@@ -1,9 +1,10 @@
 """The rounds of one strategy, wherever its clients train (in this process, on Flower, anywhere else).
 
 A ``Server`` samples each round's clients and asks its strategy for their plans (``plan_round``), then takes
-back one ``ClientResult`` per planned client (``finish_round``): it checks every update against its plan,
-lets the strategy aggregate the valid ones and keeps the round's record. Everything random is seeded from
-the run seed, the round and the client.
+back one ``ClientResult`` per planned client (``finish_round``): it checks every update against its plan
+and every claim of the client against its own records (identity, data size, local steps), lets the
+strategy aggregate the valid ones and keeps the round's record. Everything random is seeded from the run
+seed, the round and the client.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, capture_rng, restore_rng
-from .client import TrainStats
+from .client import TrainStats, local_steps
 from .config import Config
 from .partition import sample_clients
 from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
-from .validate import RejectedUpdate, validate_update
+from .validate import RejectedUpdate, check_claims, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,33 @@ class ClientResult:
 
 class Server:
     """``strategy``'s rounds under ``config`` (``run.seed``; ``federation.clients``, ``fraction`` and
-    ``update_norm_bound``), ``client_ranks[c]`` being client ``c``'s rank budget.
+    ``update_norm_bound``; ``train``: the local steps a client takes), ``client_ranks[c]`` being client
+    ``c``'s rank budget and ``client_sizes[c]`` the size of its data partition, as the server knows them.
+
+    A client's claims are checked, never trusted: an update that names another client, claims another
+    data size or another number of local steps is rejected (``fl.validate.check_claims``), so that
+    data-size weights are the server's own.
 
     ``resume``: continue from that checkpoint of the same run (strategy state, records and RNGs restored).
     """
 
-    def __init__(self, strategy: Strategy, config: Config, client_ranks: Sequence[int], resume: Checkpoint | None = None):
-        if len(client_ranks) != config.federation.clients:
-            raise ValueError(f"client_ranks: expected one per client ({config.federation.clients}), got {len(client_ranks)}")
+    def __init__(
+        self,
+        strategy: Strategy,
+        config: Config,
+        client_ranks: Sequence[int],
+        resume: Checkpoint | None = None,
+        *,
+        client_sizes: Sequence[int],
+    ):
+        clients = config.federation.clients
+        for name, values in (("client_ranks", client_ranks), ("client_sizes", client_sizes)):
+            if len(values) != clients:
+                raise ValueError(f"{name}: expected one per client ({clients}), got {len(values)}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in client_sizes):
+            raise ValueError(f"client_sizes: expected positive integers, got {list(client_sizes)}")
         self.strategy, self.config, self.client_ranks = strategy, config, list(client_ranks)
+        self.client_sizes = list(client_sizes)
         self.records: list[dict] = []
         if resume is not None:
             strategy.load_state(resume.tensors, resume.meta)
@@ -95,15 +114,18 @@ class Server:
         return record
 
     def screen(self, planned: RoundPlan, results: list[ClientResult]) -> tuple[list[tuple[ClientPlan, ClientResult]], list[dict]]:
-        """``(accepted, faults)``: the results whose update passed ``validate_update`` with their plans,
-        and a log entry for each client that failed or was rejected."""
+        """``(accepted, faults)``: the results whose update passed ``validate_update`` and whose claims
+        passed ``check_claims`` with their plans, and a log entry for each client that failed or was rejected."""
         if len(results) != len(planned.plans):
             raise ValueError(f"results: expected one per planned client ({len(planned.plans)}), got {len(results)}")
         accepted, faults = [], []
         for plan, result in zip(planned.plans, results):
             error = result.error
             if error is None:
+                size = self.client_sizes[plan.client]
+                steps = local_steps(self.config, size)
                 try:
+                    check_claims(plan, result.update, result.stats, size, steps)
                     validate_update(plan, result.update, self.config.federation.update_norm_bound)
                 except Exception as rejected:  # a bad update is rejected, never the run
                     error = rejected

@@ -26,7 +26,8 @@ from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy
 
 class FederatedServer(Server):
     """One method's server over ``model`` (a freshly loaded backbone, PLoRA injected here); ``fed``: the
-    run's ``Federation`` (client rank budgets, task and evaluation data).
+    run's ``Federation`` (client rank budgets, the client shards whose sizes weigh the clients, task and
+    evaluation data).
 
     ``resume``: continue from that checkpoint of the same config (base updates are replayed, RNGs and
     records restored).
@@ -46,7 +47,8 @@ class FederatedServer(Server):
         self.device = next(model.parameters()).device
         inject_configured(model, config)
         adapter, extra = read_adapter(model)
-        super().__init__(strategy_class(method).from_config(config, adapter, extra, fed.ranks), config, fed.ranks, resume)
+        strategy = strategy_class(method).from_config(config, adapter, extra, fed.ranks)
+        super().__init__(strategy, config, fed.ranks, resume, client_sizes=[len(shard) for shard in fed.shards])
         self.head_params = sum(t.numel() for t in extra.values())
         self.frozen_params = linear_weight_count(model) - self.head_params
         self.shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in adapter.items()}

@@ -1,4 +1,8 @@
-"""Checks on a client's update before the server aggregates it: a bad client is rejected, not averaged."""
+"""Checks on a client's update before the server aggregates it: a bad client is rejected, not averaged.
+
+``validate_update`` checks the tensors against the plan; ``check_claims`` what a client says about itself
+(who it is, how much data it holds, how it trained) against what the server knows.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +48,23 @@ def validate_update(plan: ClientPlan, update: ClientUpdate, norm_bound: float | 
     norm = math.sqrt(squared)
     if norm_bound is not None and not norm <= norm_bound:
         raise RejectedUpdate(f"update norm {norm:.4g} exceeds the bound {norm_bound:.4g}")
+
+
+def check_claims(plan: ClientPlan, update: ClientUpdate, stats, num_examples: int, steps: int) -> None:
+    """Raise ``RejectedUpdate`` unless ``update`` and its training ``stats`` (``TrainStats``) say what the
+    server knows of the planned client: the update names that client, claims its data size ``num_examples``
+    (the server's record of the client's partition, the client's weight in data-size averaging), and the
+    client took ``steps`` local steps with a finite mean loss (the loss the round's record averages).
+    ``validate_update`` checks the trained module indices (hence the rank) against the plan."""
+    if update.client != plan.client:
+        raise RejectedUpdate(f"the update names client {update.client!r}; it was planned for client {plan.client}")
+    claimed = update.num_examples
+    if isinstance(claimed, bool) or not isinstance(claimed, int) or claimed != num_examples:
+        raise RejectedUpdate(f"claims {claimed!r} examples; client {plan.client} holds {num_examples}")
+    if isinstance(stats.steps, bool) or not isinstance(stats.steps, int) or stats.steps != steps:
+        raise RejectedUpdate(f"claims {stats.steps!r} local steps; the plan is {steps}")
+    if isinstance(stats.loss, bool) or not isinstance(stats.loss, (int, float)) or not math.isfinite(stats.loss):
+        raise RejectedUpdate(f"claims a training loss of {stats.loss!r}; expected a finite number")
 
 
 def update_from_upload(plan: ClientPlan, num_examples: int, sent: dict[str, torch.Tensor]) -> ClientUpdate:

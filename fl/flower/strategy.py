@@ -22,7 +22,8 @@ from flwr.serverapp.strategy import Strategy as FlowerBaseStrategy
 
 from ..checkpoint import Checkpoint
 from ..config import Config
-from ..experiment import client_ranks
+from ..experiment import build_federation, client_ranks
+from ..model import load_tokenizer
 from ..rounds import ClientResult, RoundPlan, Server
 from ..strategies import ClientPlan, Strategy
 from ..validate import update_from_upload
@@ -39,10 +40,14 @@ class FlowerStrategy(FlowerBaseStrategy):
 
     Args:
         strategy: one of ours, run under ``config``: its ``[federation]`` (clients, fraction, rank budgets
-            drawn as in any run, update norm bound) and ``run.seed``; the config also travels in every train
-            message, and ``fl.flower.client_app`` builds its model, data and training from it. Or a
-            ``fl.rounds.Server`` already driving one (then without ``config``): ``fed-plora``'s runs pass
-            their ``FederatedServer``, which also evaluates and measures.
+            drawn as in any run, update norm bound), ``[train]`` (the local steps a client takes) and
+            ``run.seed``; the config also travels in every train message, and ``fl.flower.client_app``
+            builds its model, data and training from it. Or a ``fl.rounds.Server`` already driving one
+            (then without ``config``): ``fed-plora``'s runs pass their ``FederatedServer``, which also
+            evaluates and measures.
+        client_sizes: with a strategy, every client's data size, the weights of data-size averaging (a
+            reply claiming another size is rejected); default: the sizes of the config's partition, built
+            here as every client builds it (the task data must be readable where the ServerApp runs).
         on_round, on_checkpoint: receive each round's record and a checkpoint after it, as in the simulator.
         node_timeout: seconds to wait for every client's node to connect.
     """
@@ -52,18 +57,20 @@ class FlowerStrategy(FlowerBaseStrategy):
         strategy: Strategy | Server,
         config: Config | None = None,
         *,
+        client_sizes: list[int] | None = None,
         on_round: Callable[[dict], None] = lambda record: None,
         on_checkpoint: Callable[[Checkpoint], None] = lambda checkpoint: None,
         node_timeout: float = 600.0,
     ):
         if isinstance(strategy, Server):
-            if config is not None:
-                raise TypeError("config goes with a Strategy; a Server has its own")
+            if config is not None or client_sizes is not None:
+                raise TypeError("config and client_sizes go with a Strategy; a Server has its own")
             self.server = strategy
         elif config is None:
             raise TypeError("a Strategy needs the run's config (federation, seed and what the clients build)")
         else:
-            self.server = Server(strategy, config, client_ranks(config))
+            sizes = partition_sizes(config) if client_sizes is None else client_sizes
+            self.server = Server(strategy, config, client_ranks(config), client_sizes=sizes)
         self.on_round, self.on_checkpoint = on_round, on_checkpoint
         self.node_timeout = node_timeout
         self.node_of: dict[int, int] = {}  # client (partition) -> node id
@@ -161,3 +168,10 @@ class FlowerStrategy(FlowerBaseStrategy):
         if not isinstance(partition, int) or not 0 <= partition < clients:
             raise ValueError(f"node {node} reports {PARTITION_KEY}={partition!r}; expected an integer in [0, {clients})")
         self.node_of[partition] = node
+
+
+def partition_sizes(config: Config) -> list[int]:
+    """Every client's data size under ``config``: the sizes of the run's partition, built as every client
+    builds it (``fl.experiment.build_federation``)."""
+    fed = build_federation(config, load_tokenizer(config.model.name))
+    return [len(shard) for shard in fed.shards]

@@ -1,8 +1,10 @@
 """Bad clients and faults: every update is validated, a failing client is dropped, the round goes on;
 a round without any valid update keeps the global state."""
 
+import dataclasses
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -111,6 +113,17 @@ class FaultyClients:
         update.adapter[name] = Factors(a, b)
         if fault == "extra":
             update.extra["bert.pooler.dense.weight"] = torch.zeros(32, 32)
+        # claims the server can check against its own records
+        if fault == "size":
+            update = dataclasses.replace(update, num_examples=2**62)
+        elif fault == "client":
+            update = dataclasses.replace(update, client=plan.client + 1)
+        elif fault == "trained":
+            update = dataclasses.replace(update, trained={n: (i + 1) % a.shape[0] for n, i in update.trained.items()})
+        elif fault == "steps":
+            stats = dataclasses.replace(stats, steps=stats.steps + 1)
+        elif fault == "loss":
+            stats = dataclasses.replace(stats, loss=float("nan"))
         return update, stats
 
 
@@ -166,3 +179,23 @@ def test_every_client_failing_keeps_the_initial_model(tiny_models, tmp_path, met
             assert not value.any(), name  # B = 0: no update ever reached the global adapter
         if name.startswith("extra."):
             assert torch.equal(last[name], value), name
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("size", rf"claims {2**62} examples; client 0 holds \d+"),
+        ("client", r"the update names client 1; it was planned for client 0"),
+        ("trained", r"layer .*: trained modules \[\d\], planned \[\d\]"),
+        ("steps", r"claims 2 local steps; the plan is 1"),
+        ("loss", r"claims a training loss of nan; expected a finite number"),
+    ],
+)
+def test_a_clients_claims_are_checked_against_the_servers_records(tiny_models, tmp_path, fault, reason):
+    """An in-process client's claims (data size, identity, trained modules, local steps, loss) are not
+    trusted either: one that disagrees with the server's records is rejected; the others are averaged."""
+    records, _ = _run(tiny_models, tmp_path, "fedplora", {0: fault}, 1, 'methods.names=["fedplora"]')
+    (record,) = records
+    assert [(f["client"], f["stage"]) for f in record["faults"]] == [(0, "validate")]
+    assert re.fullmatch(reason, record["faults"][0]["reason"]), record["faults"][0]["reason"]
+    assert len(record["ranks"]) == 2 and math.isfinite(record["train_loss"])

@@ -11,6 +11,7 @@
 
 import importlib.util
 import json
+import re
 
 import pytest
 import tomllib
@@ -18,7 +19,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install -e '.[flower]')")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -72,7 +73,8 @@ class LocalGrid:
     """A Flower Grid in this process: each node is a Context, each message goes straight to the ClientApp.
 
     ``faults``: ``{(round, i): kind}`` for the i-th train message of a round: "error" (an error reply),
-    "malformed" (an upload tensor of the wrong shape) or "silent" (no reply).
+    "malformed" (an upload tensor of the wrong shape), "silent" (no reply) or "huge" (the reply claims
+    ``num-examples`` 2**62).
     """
 
     def __init__(self, clients: int, faults: dict | None = None):
@@ -102,6 +104,8 @@ class LocalGrid:
                 name = next(k for k in tensors if k.endswith(".a"))
                 tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
                 reply.content["upload"] = to_arrays(tensors)
+            if fault == "huge":
+                reply.content["stats"] = MetricRecord({**reply.content["stats"], "num-examples": 2**62})
             replies.append(reply)
         return replies
 
@@ -189,9 +193,35 @@ def test_example_server_app_trains_fedplora_as_our_simulator(tiny_models, tmp_pa
 def test_flower_strategy_takes_a_strategy_with_its_config_or_a_server():
     adapter = {"l": Factors(torch.ones(2, 3), torch.zeros(4, 2))}
     config = load_config(None, ["federation.clients=2", "model.rank=2", "federation.rank_choices=[1, 2]"])
-    flower = FlowerStrategy(FedPLoRA(adapter, {}), config)
+    flower = FlowerStrategy(FedPLoRA(adapter, {}), config, client_sizes=[5, 7])
     assert flower.server.method == "fedplora" and len(flower.server.client_ranks) == 2
+    assert flower.server.client_sizes == [5, 7]
     with pytest.raises(TypeError, match="needs the run's config"):
         FlowerStrategy(FedPLoRA(adapter, {}))
+    server = Server(FedPLoRA(adapter, {}), config, [1, 2], client_sizes=[5, 7])
     with pytest.raises(TypeError, match="a Server has its own"):
-        FlowerStrategy(Server(FedPLoRA(adapter, {}), config, [1, 2]), config)
+        FlowerStrategy(server, config)
+    with pytest.raises(TypeError, match="a Server has its own"):
+        FlowerStrategy(server, client_sizes=[5, 7])
+    for sizes in ([5], [5, 0], [5, 7.0]):
+        with pytest.raises(ValueError, match="client_sizes"):
+            Server(FedPLoRA(adapter, {}), config, [1, 2], client_sizes=sizes)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_a_reply_claiming_another_data_size_is_rejected(tiny_models, tmp_path, server_identity):
+    """A reply with num-examples 2**62 would make the global model that client's under data-size weighting:
+    it is rejected, and the run is the one in which that client failed."""
+    runs = {}
+    for kind in ("huge", "error"):
+        config = tiny_config(tiny_models, tmp_path, 'methods.names=["fedplora"]', "federation.fraction=1.0")
+        config.run.name = kind
+        run_on_flower(LocalGrid(3, {(0, 0): kind}), config, node_timeout=5)
+        runs[kind] = read_jsonl(tmp_path / kind / "metrics.jsonl")
+    first = runs["huge"][0]
+    (fault,) = first["faults"]
+    assert fault["client"] == first["clients"][0] and fault["stage"] == "validate"
+    assert re.fullmatch(rf"claims {2**62} examples; client {fault['client']} holds \d+", fault["reason"])
+    assert len(first["ranks"]) == 2 and not runs["huge"][1]["faults"]
+    huge, failed = (load_checkpoint(tmp_path / kind / "checkpoints", "fedplora").tensors for kind in ("huge", "error"))
+    assert huge.keys() == failed.keys() and all(torch.equal(huge[k], failed[k]) for k in huge)
