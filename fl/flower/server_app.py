@@ -3,11 +3,14 @@
 The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with
 ``flwr run --run-config``) holds the run's config fields as ``"section.key"`` (or
 ``"methods.<method>.key"``) keys, the way the TOML config and ``--set`` name them (a list is given as a
-TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty string leaves a field at its default), plus
-``flower.node-timeout`` and ``flower.round-timeout`` (seconds). Every method of ``methods.names`` runs
-in turn; the run directory (``run.out_dir``/``run.name`` on the SuperLink's machine) gets the same
-``metrics.jsonl``, checkpoints, plots and summary as a simulated run, each record with
-``bytes_down_flower``/``bytes_up_flower``: the mean bytes per client of the Flower messages.
+TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty string leaves a field at its default), plus the seconds
+the server waits (``TIMEOUTS``): ``flower.node-timeout`` for a node of every client before the first
+round, ``flower.round-timeout`` at most for a round's replies, ``flower.reply-timeout`` for the other
+replies of a round once one has come. Every method of ``methods.names`` runs in turn (they share what
+the server knows of the nodes: ``strategy.Nodes``); the run directory (``run.out_dir``/``run.name`` on
+the SuperLink's machine) gets the same ``metrics.jsonl``, checkpoints, plots and summary as a simulated
+run, each record with ``bytes_down_flower``/``bytes_up_flower``: the mean bytes per client of the Flower
+messages.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import Config, load_config, toml_literal
 from ..experiment import run_experiment
 from ..server import FederatedServer
-from .strategy import FlowerStrategy
+from .strategy import REPLY_TIMEOUT, FlowerStrategy, Nodes
 
 log = logging.getLogger(__name__)
 
-#: Run-config keys of the Flower transport itself (the rest are run config fields).
-TIMEOUTS = {"flower.node-timeout": 600.0, "flower.round-timeout": 3600.0}
+#: Run-config keys of the Flower transport itself (the rest are run config fields), with their defaults.
+TIMEOUTS = {"flower.node-timeout": 600.0, "flower.round-timeout": 3600.0, "flower.reply-timeout": REPLY_TIMEOUT}
 
 app = ServerApp()
 
@@ -34,9 +37,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
-    timeouts = {key: float(run_config.pop(key, default)) for key, default in TIMEOUTS.items()}
+    node, round_, reply = (float(run_config.pop(key, default)) for key, default in TIMEOUTS.items())
     config = config_from_run_config(run_config)
-    directory, table = run_on_flower(grid, config, *timeouts.values(), command=f"flwr run (run config {context.run_config})")
+    command = f"flwr run (run config {context.run_config})"
+    directory, table = run_on_flower(grid, config, node, round_, command, reply_timeout=reply)
     log.info("run directory: %s\n%s", directory, table)
 
 
@@ -52,18 +56,38 @@ def config_from_run_config(run_config: dict) -> Config:
     return load_config(None, overrides)
 
 
-def run_on_flower(grid: Grid, config: Config, node_timeout: float = 600.0, round_timeout: float = 3600.0, command: str = ""):
-    """Every method of ``config`` over ``grid``'s nodes; returns ``(run directory, summary table)``."""
-    return run_experiment(config, command, progress=False, rounds=flower_rounds(grid, node_timeout, round_timeout))
+def run_on_flower(
+    grid: Grid,
+    config: Config,
+    node_timeout: float = 600.0,
+    round_timeout: float = 3600.0,
+    command: str = "",
+    *,
+    reply_timeout: float = REPLY_TIMEOUT,
+):
+    """Every method of ``config`` over ``grid``'s nodes; returns ``(run directory, summary table)``.
+    Timeouts in seconds, as ``TIMEOUTS`` describes them."""
+    rounds = flower_rounds(grid, node_timeout, round_timeout, reply_timeout)
+    return run_experiment(config, command, progress=False, rounds=rounds)
 
 
-def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float) -> Callable:
+def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float, reply_timeout: float = REPLY_TIMEOUT) -> Callable:
     """A ``rounds`` driver for ``run_experiment`` (the signature of ``fl.simulator.simulate``) whose
-    clients train on ``grid``'s nodes."""
+    clients train on ``grid``'s nodes; its methods share one ``Nodes``."""
+    run_nodes: list[Nodes] = []  # the run's nodes, made for its first method
 
     def rounds(config, method, fed, model, tokenizer, autocast_dtype, on_round, *, resume=None, on_checkpoint=lambda c: None):
         server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
-        strategy = FlowerStrategy(server, on_round=on_round, on_checkpoint=on_checkpoint, node_timeout=node_timeout)
+        if not run_nodes:
+            run_nodes.append(Nodes(config.federation.clients))
+        strategy = FlowerStrategy(
+            server,
+            on_round=on_round,
+            on_checkpoint=on_checkpoint,
+            node_timeout=node_timeout,
+            reply_timeout=reply_timeout,
+            nodes=run_nodes[0],
+        )
         remaining = config.federation.rounds - server.rounds_done
         if remaining > 0:
             strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=round_timeout)

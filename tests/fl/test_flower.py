@@ -10,8 +10,12 @@
 """
 
 import importlib.util
+import itertools
 import json
+import logging
 import re
+import time
+import uuid
 
 import pytest
 import tomllib
@@ -19,7 +23,7 @@ import torch
 
 flwr = pytest.importorskip("flwr", reason="the Flower extra is not installed (pip install -e '.[flower]')")
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -29,6 +33,7 @@ from fed_plora.fl.checkpoint import load_checkpoint  # noqa: E402
 from fed_plora.fl.flower import FlowerStrategy, config_from_run_config, run_on_flower  # noqa: E402
 from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
 from fed_plora.fl.flower.server_app import TIMEOUTS  # noqa: E402
+from fed_plora.fl.flower.strategy import Nodes  # noqa: E402
 from fed_plora.fl.flower.wire import from_arrays, to_arrays  # noqa: E402
 from fed_plora.fl.storage import read_jsonl  # noqa: E402
 from fed_plora.fl.strategies import STRATEGIES, Factors, FedPLoRA  # noqa: E402
@@ -70,43 +75,81 @@ def server_identity(monkeypatch):
 
 
 class LocalGrid:
-    """A Flower Grid in this process: each node is a Context, each message goes straight to the ClientApp.
+    """A Flower Grid in this process: each node is a Context, a pushed message goes straight to the ClientApp
+    (an exception it raises becomes an error reply, as Flower's runtime makes it) and its reply waits to
+    be pulled; ``send_and_receive`` waits for replies as Flower's grids do (up to ``timeout``).
 
     ``faults``: ``{(round, i): kind}`` for the i-th train message of a round: "error" (an error reply),
     "malformed" (an upload tensor of the wrong shape), "silent" (no reply) or "huge" (the reply claims
-    ``num-examples`` 2**62).
+    ``num-examples`` 2**62). ``nodes``: more nodes, ``{node id: node config}``; ``answers``: ``{node id:
+    ConfigRecord}``, what a node answers a query with instead of its ClientApp; ``silent``: nodes that never
+    answer; ``dies``: nodes that answer their first query, then never again. ``pushed`` logs every message
+    sent: ``(time, message type, node)``.
     """
 
-    def __init__(self, clients: int, faults: dict | None = None):
+    def __init__(self, clients: int, faults=None, *, nodes=None, answers=None, silent=(), dies=()):
+        configs = {7000 + c: {"partition-id": c} for c in range(clients)}
+        configs.update(nodes or {})
         self.contexts = {
-            7000 + c: Context(run_id=1, node_id=7000 + c, node_config={"partition-id": c}, state=RecordDict(), run_config={})
-            for c in range(clients)
+            node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+            for node, config in configs.items()
         }
-        self.faults = faults or {}
+        self.faults, self.answers, self.silent, self.dies = faults or {}, answers or {}, set(silent), set(dies)
+        self.replies, self.pushed, self.answered = {}, [], set()
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for i, message in enumerate(messages):
+    def push_messages(self, messages):
+        ids, train = [], 0
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = uuid.uuid4().hex
+            kind, node = message.metadata.message_type, message.metadata.dst_node_id
+            self.pushed.append((time.monotonic(), kind, node))
+            ids.append(message_id)
             fault = None
-            if message.metadata.message_type == "train":
-                fault = self.faults.get((int(message.content["plan"]["round"]), i))
-            if fault == "silent":
+            if kind == "train":
+                fault = self.faults.get((int(message.content["plan"]["round"]), train))
+                train += 1
+            if fault == "silent" or node in self.silent or (node in self.dies and node in self.answered):
                 continue
-            if fault == "error":
-                replies.append(Message(Error(code=0, reason="node ran out of memory (planted)"), reply_to=message))
-                continue
-            reply = client_app(message, self.contexts[message.metadata.dst_node_id])
-            if fault == "malformed":
-                tensors = from_arrays(reply.content["upload"])
-                name = next(k for k in tensors if k.endswith(".a"))
-                tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
-                reply.content["upload"] = to_arrays(tensors)
-            if fault == "huge":
-                reply.content["stats"] = MetricRecord({**reply.content["stats"], "num-examples": 2**62})
-            replies.append(reply)
+            self.answered.add(node)
+            self.replies[message_id] = self.reply(message, fault)
+        return ids
+
+    def reply(self, message, fault):
+        node = message.metadata.dst_node_id
+        if fault == "error":
+            return Message(Error(code=0, reason="node ran out of memory (planted)"), reply_to=message)
+        if message.metadata.message_type == "query" and node in self.answers:
+            return Message(RecordDict({"node": self.answers[node]}), reply_to=message)
+        try:
+            reply = client_app(message, self.contexts[node])
+        except Exception as error:
+            return Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+        if fault == "malformed":
+            tensors = from_arrays(reply.content["upload"])
+            name = next(k for k in tensors if k.endswith(".a"))
+            tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+            reply.content["upload"] = to_arrays(tensors)
+        if fault == "huge":
+            reply.content["stats"] = MetricRecord({**reply.content["stats"], "num-examples": 2**62})
+        return reply
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)  # replies come in the order they were given
+        return [self.replies.pop(i) for i in list(self.replies) if i in wanted]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        waiting, replies = set(self.push_messages(messages)), []
+        end = time.monotonic() + (timeout or 0.0)
+        while waiting:
+            got = self.pull_messages(waiting)
+            waiting -= {r.metadata.reply_to_message_id for r in got}
+            replies += got
+            if not waiting or time.monotonic() >= end:
+                break
+            time.sleep(0.05)
         return replies
 
 
@@ -115,7 +158,7 @@ def test_wire_faults_drop_the_client_and_the_run_goes_on(tiny_models, tmp_path, 
     faults = {(0, 0): "error", (1, 0): "malformed", (1, 1): "silent"}
     config = tiny_config(tiny_models, tmp_path, 'methods.names=["fedplora", "flora"]', "federation.rounds=3")
     config.run.name = "faulty"
-    run_on_flower(LocalGrid(3, faults), config, node_timeout=5)
+    run_on_flower(LocalGrid(3, faults), config, node_timeout=5, reply_timeout=0.5)
     records = read_jsonl(tmp_path / "faulty" / "metrics.jsonl")
     for method in ("fedplora", "flora"):
         first, second, third = [r for r in records if r["method"] == method]
@@ -208,6 +251,10 @@ def test_flower_strategy_takes_a_strategy_with_its_config_or_a_server():
             Server(FedPLoRA(adapter, {}), config, [1, 2], client_sizes=sizes)
 
 
+# What the server trusts (docs/flower.md): claims are checked against its own records, bad nodes are
+# ignored, silent nodes stop being waited for.
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
 def test_a_reply_claiming_another_data_size_is_rejected(tiny_models, tmp_path, server_identity):
     """A reply with num-examples 2**62 would make the global model that client's under data-size weighting:
@@ -225,3 +272,110 @@ def test_a_reply_claiming_another_data_size_is_rejected(tiny_models, tmp_path, s
     assert len(first["ranks"]) == 2 and not runs["huge"][1]["faults"]
     huge, failed = (load_checkpoint(tmp_path / kind / "checkpoints", "fedplora").tensors for kind in ("huge", "error"))
     assert huge.keys() == failed.keys() and all(torch.equal(huge[k], failed[k]) for k in huge)
+
+
+def _query_grid(**kwargs):
+    """A LocalGrid of 3 clients with bad nodes planted: partition-id 99, "1" (a string), none (the ClientApp
+    raises, or the answer has no id), True, -1, 2.0, and 0 again (after node 7000)."""
+    answers = {
+        8002: ConfigRecord({"partition-id": "1"}),
+        8005: ConfigRecord({}),
+        8006: ConfigRecord({"partition-id": True}),
+        8008: ConfigRecord({"partition-id": 2.0}),
+    }
+    nodes = {8001: {"partition-id": 99}, 8003: {}, 8004: {"partition-id": 0}, 8007: {"partition-id": -1}}
+    return LocalGrid(3, nodes={**nodes, **{node: {} for node in answers}}, answers=answers, **kwargs)
+
+
+def test_bad_and_duplicate_node_claims_are_ignored(server_identity, caplog):
+    grid = _query_grid()
+    nodes = Nodes(3)
+    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.flower.strategy"):
+        nodes.discover(grid, node_timeout=5)
+    assert nodes.node_of == {0: 7000, 1: 7001, 2: 7002}  # the first claims
+    logged = {r.getMessage() for r in caplog.records}
+    expected = {
+        8001: "it reports partition-id=99; expected an integer in [0, 3)",
+        8002: "it reports partition-id='1'; expected an integer in [0, 3)",
+        8003: "its ClientApp failed on the query: KeyError",
+        8004: "partition-id=0 is already served by node 7000 (first come keeps it)",
+        8005: "it reports no partition-id",
+        8006: "it reports partition-id=True",
+        8007: "it reports partition-id=-1",
+        8008: "it reports partition-id=2.0",
+    }
+    assert set(nodes.ignored) == set(expected)
+    for node, why in expected.items():
+        assert nodes.ignored[node].startswith(why), (node, nodes.ignored[node])
+        assert any(m.startswith(f"node {node} ignored for the run: {why}") for m in logged), node
+    queries = [node for _, kind, node in grid.pushed if kind == "query"]
+    nodes.discover(grid, node_timeout=5)  # later rounds ask nobody again
+    assert [node for _, kind, node in grid.pushed if kind == "query"] == queries and len(queries) == len(grid.contexts)
+
+
+def test_a_node_that_changes_its_claim_is_ignored(server_identity):
+    grid = LocalGrid(2)
+    nodes = Nodes(2)
+    nodes.discover(grid, node_timeout=5)
+    nodes.mark_unresponsive(7001, "test round 1")
+    assert nodes.responsive_node(1) is None and "unresponsive" in nodes.why_not_asked(1)
+    grid.answers[7001] = ConfigRecord({"partition-id": 0})
+    nodes.discover(grid, node_timeout=5)  # the re-query: 7001 now claims client 0
+    assert nodes.node_of == {0: 7000} and "and 1 before" in nodes.ignored[7001]
+    assert nodes.why_not_asked(1) == "no node has reported partition-id 1"
+
+
+def test_discovery_waits_for_missing_clients_once_and_goes_on(server_identity, caplog):
+    grid = LocalGrid(3, silent={7002})
+    nodes = Nodes(3)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.flower.strategy"):
+        nodes.discover(grid, node_timeout=1.0)
+    assert 1.0 <= time.monotonic() - start < 3.0 and nodes.node_of == {0: 7000, 1: 7001}
+    assert any("no node reported partition-id [2] within 1 s" in r.getMessage() for r in caplog.records)
+    start = time.monotonic()
+    nodes.discover(grid, node_timeout=1.0)  # later rounds never wait
+    assert time.monotonic() - start < 0.5
+    with pytest.raises(TimeoutError, match=r"no node reported a partition-id in \[0, 3\) within 0 s"):
+        Nodes(3).discover(LocalGrid(0, nodes={8001: {"partition-id": 99}}), node_timeout=0.2)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_bad_nodes_leave_the_run_as_our_simulator(tiny_models, tmp_path, server_identity):
+    """Nodes reporting partition-id 99, "1", none or a claimed one are ignored; the run is the simulator's."""
+    overrides = ('methods.names=["fedplora"]', "federation.fraction=1.0")
+    config = tiny_config(tiny_models, tmp_path, *overrides)
+    config.run.name = "bad-nodes"
+    grid = _query_grid()
+    run_on_flower(grid, config, node_timeout=5)
+    assert {node for _, kind, node in grid.pushed if kind == "train"} == {7000, 7001, 7002}  # 8004 never got client 0
+    local = simulated(tiny_config(tiny_models, tmp_path, *overrides), "local")
+    same_run(tmp_path / "bad-nodes", local, ["fedplora"])
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_silent_nodes_are_not_waited_for_every_round(tiny_models, tmp_path, server_identity):
+    """A node that never answers (8000) and one that stops answering after its first query (7002, client 2)
+    cost the short reply timeout once, never the full node or round timeout; the run's methods share
+    what the server knows of them."""
+    full = 20.0
+    methods = 'methods.names=["fedplora", "fedit"]'
+    config = tiny_config(tiny_models, tmp_path, methods, "federation.rounds=3", "federation.fraction=1.0")
+    config.run.name = "silent"
+    grid = LocalGrid(3, nodes={8000: {"partition-id": 1}}, silent={8000}, dies={7002})
+    start = time.monotonic()
+    run_on_flower(grid, config, node_timeout=full, round_timeout=full, reply_timeout=0.5)
+    assert time.monotonic() - start < full
+    records = read_jsonl(tmp_path / "silent" / "metrics.jsonl")
+    reasons = [[(f["client"], f["stage"], f["reason"]) for f in r["faults"]] for r in records]
+    assert reasons[0] == [(2, "fit", "TimeoutError: no reply from the client's node 7002 in time (now unresponsive)")]
+    unresponsive = "LookupError: the client's node 7002 is unresponsive (missed a deadline in fedplora round 1)"
+    assert reasons[1:] == [[(2, "fit", unresponsive)]] * 5  # fedplora rounds 2-3, fedit rounds 1-3
+    assert all(len(r["ranks"]) == 2 for r in records)
+    trains = [t for t, kind, _ in grid.pushed if kind == "train"]
+    assert len(trains) == 3 + 5 * 2  # client 2 is not sent a plan after fedplora's first round
+    starts = trains[0:1] + trains[3::2]  # the first train message of each round
+    assert all(b - a < full for a, b in itertools.pairwise(starts))  # no round waits the full timeout
+    sent = [(kind, node) for _, kind, node in grid.pushed if node in (7002, 8000)]
+    assert sent.count(("query", 8000)) == 1 and ("train", 8000) not in sent  # asked once, never again
+    assert sent.count(("query", 7002)) == 2 and sent.count(("train", 7002)) == 1  # one re-query, left open
