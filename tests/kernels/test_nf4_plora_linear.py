@@ -5,11 +5,11 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from helpers import ELEMENTWISE  # noqa: E402
+
 from fed_plora.kernels import plora_linear_nf4, quantize_nf4  # noqa: E402
 from fed_plora.kernels.nf4 import dequantize_nf4_reference  # noqa: E402
 from fed_plora.kernels.plora_linear import plora_linear_reference  # noqa: E402
-
-TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 def _case(device, dtype, m=48, k=256, n=96, r=6, nested=True, seed=0):
@@ -35,12 +35,12 @@ def test_forward_and_backward_match_reference(device, dtype, dequant, nested):
     weight = dequantize_nf4_reference(nf4).double()
     ref_leaves = [t.double().requires_grad_(True) for t in (x, lora_a, lora_b, bias)]
     expected = plora_linear_reference(ref_leaves[0], weight, *ref_leaves[1:3], active, 0.8, ref_leaves[3])
-    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(y.double(), expected, **ELEMENTWISE[dtype])
     dy = torch.randn_like(expected).to(dtype).double()
     y.backward(dy.to(dtype))
     expected.backward(dy)
     for ours, ref in zip(leaves, ref_leaves):
-        torch.testing.assert_close(ours.grad.double(), ref.grad, **TOLERANCE[dtype])
+        torch.testing.assert_close(ours.grad.double(), ref.grad, **ELEMENTWISE[dtype])
     assert torch.count_nonzero(leaves[1].grad[[1, 3, 5]]) == 0  # inactive modules get exactly zero
 
 
