@@ -38,7 +38,8 @@ def concat(terms: Sequence[tuple[float, Factors]]) -> Factors:
 def module_norms(x: Factors) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared norms of every module's row of ``a`` and column of ``b``, ``([r], [r])`` in fp32 (a module is live
     when both are nonzero; entries below ~1e-19 square to zero and count as zero)."""
-    return (x.a.float() * x.a.float()).sum(1), (x.b.float() * x.b.float()).sum(0)
+    a, b = x.a.float(), x.b.float()
+    return (a * a).sum(1), (b * b).sum(0)
 
 
 def live(x: Factors) -> Factors:
