@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,20 +31,44 @@ class TrainStats:
 
 
 def fit(model: nn.Module, plan: ClientPlan, features: list[dict], **train) -> tuple[ClientUpdate, TrainStats]:
-    """One client's round on the shared ``model``: load ``plan``, Select-N-Fold (``plan.fold_mode``,
-    ``pristine``), train (``train``: the keywords of ``train_local``), read the factors back. The base is
-    restored and the gradients dropped even when training raises, so that the next client starts clean."""
+    """One client's round on the shared ``model``: load ``plan``, scale its layers by ``plan.local``'s
+    ``scale``, Select-N-Fold (``plan.fold_mode``, ``pristine``), train (``train``: the keywords of
+    ``train_local``; the loss with ``plan.local``'s ``tail_penalty``), read the factors back. The base and
+    the scales are restored and the gradients dropped even when training raises, so that the next client
+    starts clean."""
     write_adapter(model, plan.adapter, plan.extra)
-    plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, plan.fold_mode, pristine=True)
+    layers = plora.plora_layers(model)
+    scales = {name: layer.scale for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.scale *= plan.local.get("scale", 1.0)
     try:
-        stats = train_local(model, features, **train)
-        adapter, extra = read_adapter(model)
+        plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, plan.fold_mode, pristine=True)
+        try:
+            penalty = tail_penalty(layers, *plan.local["tail_penalty"]) if "tail_penalty" in plan.local else None
+            stats = train_local(model, features, penalty=penalty, **train)
+            adapter, extra = read_adapter(model)
+        finally:
+            plora.unfold(model)
     finally:
-        plora.unfold(model)
+        for name, layer in layers.items():
+            layer.scale = scales[name]
         for p in model.parameters():
             p.grad = None
         model.eval()
     return ClientUpdate(plan.client, len(features), adapter, plan.trained, extra), stats
+
+
+def tail_penalty(layers: dict[str, nn.Module], start: int, stop: int, weight: float) -> Callable[[], torch.Tensor]:
+    """HetLoRA's rank regulariser: ``weight · Σ_layers ‖B[:, start:stop]‖_F · ‖A[start:stop]‖_F``, the
+    modules ``[start, stop)`` being the tail that self-pruning would cut."""
+
+    def penalty() -> torch.Tensor:
+        return weight * sum(
+            torch.linalg.vector_norm(layer.lora_b[:, start:stop]) * torch.linalg.vector_norm(layer.lora_a[start:stop])
+            for layer in layers.values()
+        )
+
+    return penalty
 
 
 def client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
@@ -61,13 +86,26 @@ def local_steps(config: Config, shard_size: int) -> int:
     return max(1, math.ceil(train.local_epochs * shard_size / train.batch_size))
 
 
+def round_lr(config: Config, rnd: int) -> float:
+    """The learning rate of round ``rnd`` (0-based): ``train.lr``, or with ``lr_schedule = "cosine"`` annealed
+    from ``lr`` in the first round to ``lr_min`` in the last, ``lr_min + (lr - lr_min) · (1 + cos(π t)) / 2``
+    with ``t = rnd / (rounds - 1)``."""
+    tcfg, rounds = config.train, config.federation.rounds
+    if tcfg.lr_schedule == "constant" or rounds == 1:
+        return tcfg.lr
+    return tcfg.lr_min + (tcfg.lr - tcfg.lr_min) * (1 + math.cos(math.pi * rnd / (rounds - 1))) / 2
+
+
 def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id: int, autocast_dtype: torch.dtype | None) -> dict:
     """The keywords of ``train_local`` for ``client`` in round ``rnd``: the same wherever the client runs."""
     tcfg = config.train
     return dict(
         steps=local_steps(config, shard_size),
         batch_size=tcfg.batch_size,
-        lr=tcfg.lr,
+        lr=round_lr(config, rnd),
+        warmup_steps=tcfg.warmup_steps,
+        optimizer=tcfg.optimizer,
+        momentum=tcfg.momentum,
         weight_decay=tcfg.weight_decay,
         seed=client_seed(config.run.seed, rnd, client, 0),
         pad_id=pad_id,
@@ -96,14 +134,26 @@ def train_local(
     seed: int,
     pad_id: int,
     autocast_dtype: torch.dtype | None = None,
+    optimizer: str = "adamw",
+    momentum: float = 0.0,
+    warmup_steps: int = 0,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainStats:
-    """``steps`` AdamW steps on the parameters that currently require grad (build after the fold)."""
+    """``steps`` steps of a fresh ``optimizer`` ("adamw" or "sgd" with ``momentum``) on the parameters that
+    currently require grad (build after the fold), the learning rate rising linearly over the first
+    ``warmup_steps``; ``penalty()`` is added to every step's loss (the reported loss is the task's alone)."""
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
     start = time.perf_counter()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     model.train()
@@ -112,9 +162,10 @@ def train_local(
         batch = {k: v.to(device) for k, v in batch.items()}
         with precision_context(device, autocast_dtype):
             loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (loss if penalty is None else loss + penalty()).backward()
+        opt.step()
+        warmup.step()
+        opt.zero_grad(set_to_none=True)
         total += float(loss.detach())
         tokens += batch["input_ids"].numel()
     model.eval()

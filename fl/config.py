@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tomllib
 
-from .data.tasks import TASKS
+from .data.custom import METRICS as CUSTOM_METRICS
+from .data.tasks import CUSTOM, TASKS
 from .strategies import STRATEGIES
 
 
@@ -42,6 +43,19 @@ class TaskSection:
     max_eval_examples: int | None = None  # a seeded subset of the eval split
     max_length: int = 128  # tokens per example (prompt cut from the left for generation)
     max_new_tokens: int | None = None  # generation; None: the task's default
+    eval_split: str = "dev"  # "dev": the task's eval split; "train_holdout": a seeded subset of train, kept out of training
+    holdout_examples: int = 1000  # the size of the train_holdout subset (to choose hyperparameters without the dev set)
+    # name = "custom": the user's own files (CSV, TSV, JSON, JSONL; fl.data.custom); refused for a built-in task
+    kind: str = "classification"  # classification | generation
+    train_file: str | None = None  # needed; a relative path is from the current directory
+    eval_file: str | None = None  # None: a seeded eval_fraction of train_file is the eval split
+    eval_fraction: float = 0.1
+    text_column: str = "text"  # classification
+    text_pair_column: str | None = None  # classification, a second text
+    label_column: str = "label"  # classification: integers or strings
+    prompt_column: str = "prompt"  # generation
+    target_column: str = "target"  # generation
+    metric: str | None = None  # classification: accuracy (default), f1, matthews; generation: rouge_l (default), exact_match
 
 
 @dataclass
@@ -73,7 +87,12 @@ class TrainSection:
     local_steps: int | None = 10  # local steps per client and round ...
     local_epochs: float | None = None  # ... or epochs over the client's data (set local_steps = 0)
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 5e-4  # peak learning rate (round 1, after warm-up)
+    lr_schedule: str = "constant"  # over rounds: constant | cosine (lr to lr_min by the last round, as FlowerTune)
+    lr_min: float = 0.0  # the cosine schedule's last-round learning rate
+    warmup_steps: int = 0  # linear warm-up over a client's first local steps, every round
+    optimizer: str = "adamw"  # adamw | sgd (fresh every round, as clients hold no optimizer state)
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     eval_every: int = 1  # rounds; the last round is always evaluated
     eval_batch_size: int = 64
@@ -89,6 +108,18 @@ MethodsSection = dataclasses.make_dataclass(
         *[(name, cls.Options, field(default_factory=cls.Options)) for name, cls in STRATEGIES.items()],
     ],
 )
+
+#: The reference rows a run can add (``fl.references``).
+REFERENCES = ("untrained", "majority", "centralised", "local")
+
+
+@dataclass
+class ReferencesSection:
+    """``[references]``: the reference rows a run adds to its table (``fl.references``), in order; unset
+    (None): every one that applies to the task (``majority`` only to classification)."""
+
+    names: list[str] | None = None
+
 
 #: Fields that moved: ``config.json`` of a run written before still reads (``Config.from_dict``).
 MOVED = {
@@ -106,6 +137,7 @@ class Config:
     federation: FederationSection = field(default_factory=FederationSection)
     train: TrainSection = field(default_factory=TrainSection)
     methods: MethodsSection = field(default_factory=MethodsSection)
+    references: ReferencesSection = field(default_factory=ReferencesSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,15 +222,17 @@ def number(
     return Check(test, allowed, number=True)
 
 
-def choice(options) -> Check:
+def choice(options, optional: bool = False) -> Check:
     options = tuple(options)
 
     def test(value):
+        if value is None and optional:
+            return None
         if not isinstance(value, str) or value not in options:
             raise ValueError
         return value
 
-    return Check(test, f"one of {', '.join(options)}")
+    return Check(test, f"one of {', '.join(options)}" + (", or unset" if optional else ""))
 
 
 def text(optional: bool = False) -> Check:
@@ -258,18 +292,43 @@ def method_names() -> Check:
     return Check(test, f"a non-empty list of distinct methods from {', '.join(STRATEGIES)}")
 
 
+def reference_names() -> Check:
+    def test(value):
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(set(value)) != len(value):
+            raise ValueError
+        if not all(isinstance(v, str) and v in REFERENCES for v in value):
+            raise ValueError
+        return value
+
+    return Check(test, f"a list of distinct references from {', '.join(REFERENCES)}, or unset (all that apply)")
+
+
 #: The rule of every field of the sections (a method's table is checked by its strategy's ``Options``).
 FIELDS: dict[str, Check] = {
     "run.name": plain_name(),
     "run.out_dir": text(),
     "run.seed": integer(0, 2**63 - 1),
     "run.device": choice(("auto", "cpu", "cuda")),
-    "task.name": choice(TASKS),
+    "task.name": choice((*TASKS, CUSTOM)),
     "task.data_dir": text(optional=True),
     "task.max_train_examples": integer(1, optional=True),
     "task.max_eval_examples": integer(1, optional=True),
     "task.max_length": integer(1),
     "task.max_new_tokens": integer(1, optional=True),
+    "task.eval_split": choice(("dev", "train_holdout")),
+    "task.holdout_examples": integer(1),
+    "task.kind": choice(("classification", "generation")),
+    "task.train_file": text(optional=True),
+    "task.eval_file": text(optional=True),
+    "task.eval_fraction": number(0, 1, low_open=True, high_open=True),
+    "task.text_column": text(),
+    "task.text_pair_column": text(optional=True),
+    "task.label_column": text(),
+    "task.prompt_column": text(),
+    "task.target_column": text(),
+    "task.metric": choice([m for metrics in CUSTOM_METRICS.values() for m in metrics], optional=True),
     "model.name": text(),
     "model.rank": integer(1),
     "model.alpha": number(0, low_open=True),
@@ -290,10 +349,16 @@ FIELDS: dict[str, Check] = {
     "train.local_epochs": number(0, low_open=True, optional=True),
     "train.batch_size": integer(1),
     "train.lr": number(0, low_open=True),
+    "train.lr_schedule": choice(("constant", "cosine")),
+    "train.lr_min": number(0),
+    "train.warmup_steps": integer(0),
+    "train.optimizer": choice(("adamw", "sgd")),
+    "train.momentum": number(0, 1, high_open=True),
     "train.weight_decay": number(0),
     "train.eval_every": integer(1),
     "train.eval_batch_size": integer(1),
     "methods.names": method_names(),
+    "references.names": reference_names(),
 }
 
 
@@ -314,9 +379,24 @@ def _check_options(options, dotted: str, origin: str) -> None:
             raise ConfigError(f"{origin}: {dotted}: {error}") from None
 
 
+def task_kind(config: Config) -> str:
+    """"classification" or "generation": the kind of the config's task."""
+    return config.task.kind if config.task.name == "custom" else TASKS[config.task.name].kind
+
+
+def reference_rows(config: Config) -> list[str]:
+    """The reference rows of a run: ``references.names``, or unset, every one that applies to its task."""
+    if config.references.names is not None:
+        return list(config.references.names)
+    return [r for r in REFERENCES if r != "majority" or task_kind(config) == "classification"]
+
+
 def _cross_checks(config: Config):
     """The problems of fields that depend on each other (as messages naming the fields)."""
     fed, train, task, model = config.federation, config.train, config.task, config.model
+    kind = task_kind(config)
+    if "majority" in (config.references.names or ()) and kind != "classification":
+        yield f"references.names = {config.references.names}: 'majority' needs a classification task ({task.name} is {kind})"
     bad = [r for r in fed.rank_choices if r > model.rank]
     if bad:
         yield f"federation.rank_choices = {fed.rank_choices}: every rank must lie in [1, model.rank = {model.rank}], not {bad}"
@@ -333,11 +413,51 @@ def _cross_checks(config: Config):
             f"train.local_epochs = {train.local_epochs!r} would be ignored while train.local_steps = {train.local_steps}: "
             "set train.local_steps = 0 to train by epochs, or leave local_epochs unset"
         )
+    if train.lr_min > train.lr:
+        yield f"train.lr_min = {train.lr_min}: must not exceed train.lr = {train.lr}"
+    if train.momentum and train.optimizer != "sgd":
+        yield f"train.momentum = {train.momentum}: only sgd uses it (train.optimizer = {train.optimizer!r})"
+    yield from _task_checks(task)
     if task.max_train_examples is not None and task.max_train_examples < fed.clients:
         yield f"task.max_train_examples = {task.max_train_examples}: fewer than federation.clients = {fed.clients}"
     rank = config.methods.fedit.client_rank
     if rank is not None and rank > model.rank:
         yield f"methods.fedit.client_rank = {rank}: must lie in [1, model.rank = {model.rank}]"
+
+
+#: The fields of a task of the user's own files (``task.name = "custom"``), by the kind that reads them (None: both).
+CUSTOM_FIELDS = {
+    "kind": None,
+    "train_file": None,
+    "eval_file": None,
+    "eval_fraction": None,
+    "metric": None,
+    "text_column": "classification",
+    "text_pair_column": "classification",
+    "label_column": "classification",
+    "prompt_column": "generation",
+    "target_column": "generation",
+}
+
+
+def _task_checks(task: TaskSection):
+    """A custom task needs its train file and only its kind's fields and metrics; a built-in task refuses them."""
+    default = TaskSection()
+    changed = [k for k in CUSTOM_FIELDS if getattr(task, k) != getattr(default, k)]
+    if task.name != CUSTOM:
+        for key in changed:
+            yield f"task.{key} = {getattr(task, key)!r}: only for task.name = 'custom' (the user's own files), not {task.name!r}"
+        return
+    if task.train_file is None:
+        yield "task.train_file: task.name = 'custom' needs a train file (.csv, .tsv, .json or .jsonl)"
+    for key in changed:
+        if CUSTOM_FIELDS[key] not in (None, task.kind):
+            yield f"task.{key} = {getattr(task, key)!r}: only for task.kind = {CUSTOM_FIELDS[key]!r}, not {task.kind!r}"
+    if task.eval_file is not None and task.eval_fraction != default.eval_fraction:
+        yield f"task.eval_fraction = {task.eval_fraction}: the eval split is task.eval_file = {task.eval_file!r}; set one of them"
+    if task.metric is not None and task.metric not in CUSTOM_METRICS[task.kind]:
+        allowed = ", ".join(CUSTOM_METRICS[task.kind])
+        yield f"task.metric = {task.metric!r}: task.kind = {task.kind!r} is scored by one of {allowed}"
 
 
 def _apply(config: Config, path: list[str], value, origin: str) -> None:

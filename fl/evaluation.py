@@ -43,4 +43,4 @@ def evaluate(
                 )
             predictions += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             references += [f["reference"] for f in chunk]
-    return score(task.name, predictions, references)
+    return score(task.name, predictions, references, task.metric)

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import LEGACY_FORMAT, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError
-from .data import get_task, load_examples, resolve_data_dir
+from .checkpoint import LEGACY_FORMAT, Checkpoint, capture_rng, load_checkpoint, save_checkpoint
+from .config import REFERENCES, Config, ConfigError, reference_rows
+from .data import split_off, task_examples, task_from_config
 from .data.tokenize import encode_classification, encode_generation_eval, encode_generation_train
 from .device import pick_device, precision
-from .model import load_model, load_tokenizer, resolve_model_path
+from .model import inject_configured, load_model, load_tokenizer, resolve_model_path
 from .partition import assign_ranks, partition
+from .references import run_reference
 from .report import RunWriter
 from .simulator import Federation, simulate
 from .storage import FileFormatError, atomic_write, digest_json, dumps, finite_json, read_json, sha256_bytes, sha256_file
@@ -44,9 +45,9 @@ MANIFEST_FORMAT = 1
 #: The files a run writes at the top of its directory (besides ``checkpoints/``); ``overwrite`` removes
 #: these (and their temporary files) and the checkpoints, and refuses a directory that holds anything else.
 RUN_FILES = (MANIFEST, "config.json", "clients.json", "metrics.jsonl", "summary.md", "summary.json", "curves.png")
-_CHECKPOINT_FILE = re.compile(r"\.?(" + "|".join(STRATEGIES) + r")(\.json|\.round\d+\.safetensors)(\.tmp)?")
+_CHECKPOINT_FILE = re.compile(r"\.?(" + "|".join((*STRATEGIES, *REFERENCES)) + r")(\.json|\.round\d+\.safetensors)(\.tmp)?")
 #: Fields a resume may change: where the run lies and where its data lies (the data must be the same).
-_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir")
+_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir", "task.train_file", "task.eval_file")
 
 
 class RunDirectoryError(ValueError):
@@ -74,14 +75,25 @@ def build_federation(config: Config, tokenizer) -> Federation:
 
 
 def _federation(config: Config, tokenizer) -> tuple[Federation, dict]:
-    """``build_federation`` and the data's fingerprint (example counts and sha256 of the examples used)."""
-    task = get_task(config.task.name)
-    data_dir = resolve_data_dir(config.task.data_dir)
-    seed, fcfg = config.run.seed, config.federation
-    train = _subset(
-        load_examples(task.name, "train", data_dir), config.task.max_train_examples, np.random.default_rng([seed, 10])
-    )
-    evals = _subset(load_examples(task.name, "eval", data_dir), config.task.max_eval_examples, np.random.default_rng([seed, 11]))
+    """``build_federation`` and the data's fingerprint (example counts and sha256 of the examples used).
+
+    ``task.eval_split = "train_holdout"``: ``task.holdout_examples`` training examples, drawn by the run seed,
+    are the eval split and are not trained on; the task's eval split is not read. Then the subsets of
+    ``task.max_train_examples`` and ``task.max_eval_examples``."""
+    tcfg, seed, fcfg = config.task, config.run.seed, config.federation
+    task = task_from_config(tcfg)
+    train = task_examples(tcfg, task, "train")
+    if tcfg.eval_split == "train_holdout":
+        if len(train) - tcfg.holdout_examples < fcfg.clients:
+            raise ConfigError(
+                f"task.holdout_examples = {tcfg.holdout_examples}: too many for the {len(train)} training examples of "
+                f"{task.name} (at least federation.clients = {fcfg.clients} must stay for training)"
+            )
+        train, evals = split_off(train, tcfg.holdout_examples, np.random.default_rng([seed, 14]))
+    else:
+        evals = task_examples(tcfg, task, "eval")
+    train = _subset(train, tcfg.max_train_examples, np.random.default_rng([seed, 10]))
+    evals = _subset(evals, tcfg.max_eval_examples, np.random.default_rng([seed, 11]))
     if fcfg.clients > len(train):
         raise ConfigError(f"federation.clients = {fcfg.clients}: more than the {len(train)} training examples of {task.name}")
     try:
@@ -106,6 +118,8 @@ def _federation(config: Config, tokenizer) -> tuple[Federation, dict]:
         "eval_examples": len(evals),
         "eval_sha256": digest_json(evals),
     }
+    if tcfg.eval_split != "dev":  # (only then: the fingerprints of earlier runs stay valid)
+        fingerprint["eval_split"] = tcfg.eval_split
     return Federation(task, train_f, eval_f, shards, client_ranks(config)), fingerprint
 
 
@@ -166,10 +180,11 @@ def run_experiment(
         existing = _existing_run_files(directory, overwrite)
     tokenizer = _tokenizer(config)
     fed, fingerprint = _federation(config, tokenizer)
+    _check_injection(config, fed.task)
     clients = client_summary(fed)
     if resume:
         run_id = manifest["run"] if manifest is not None else None
-        saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in config.methods.names}
+        saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in _rows(config)}
         _check_checkpoints(directory, config, manifest, saved)
         _check_resumed_data(directory, manifest, fingerprint, clients)
     else:  # every check passed: now the run directory is written
@@ -207,9 +222,27 @@ def run_experiment(
         )
         bar.close()
         del model
+    for name in reference_rows(config):  # all or nothing: a reference is checkpointed when it is done
+        checkpoint = saved.get(name)
+        if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
+            results[name] = checkpoint.records
+            continue
+        model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+        if progress:
+            tqdm.write(f"reference {name} ...")
+        results[name] = run_reference(config, name, fed, model, tokenizer, autocast_dtype)
+        save_checkpoint(writer.checkpoints, Checkpoint(name, len(results[name]), {}, {}, capture_rng(), results[name]), run_id)
+        for record in results[name]:
+            writer.append(record)
+        del model
     table = writer.finish(results, task.metric, command)
-    _raise_if_all_failed(results, writer.dir, table)
+    _raise_if_all_failed({m: results[m] for m in config.methods.names}, writer.dir, table)
     return writer.dir, table
+
+
+def _rows(config: Config) -> list[str]:
+    """The rows of a run's table: its methods, then its references."""
+    return [*config.methods.names, *reference_rows(config)]
 
 
 def resume_experiment(directory: Path, progress: bool = True, data_dir: str | None = None) -> tuple[Path, str]:
@@ -248,6 +281,22 @@ def _tokenizer(config: Config):
         return load_tokenizer(name)
     except Exception as error:
         raise ConfigError(f"model.name = {name!r}: cannot load it ({type(error).__name__}: {error})") from None
+
+
+def _check_injection(config: Config, task) -> None:
+    """Inject PLoRA as every method will, into the model built without weights (on the meta device):
+    targets that match nothing, or match a module trained in full (``model.extra_trainable``), fail here."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    extra = {"num_labels": task.num_labels} if task.kind == "classification" else {}
+    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name), **extra)
+    build = AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = build.from_config(model_config)
+    try:
+        inject_configured(model, config)
+    except ValueError as error:
+        raise ConfigError(f"model.target_modules / model.extra_trainable: {error}") from None
 
 
 def _existing_run_files(directory: Path, overwrite: bool) -> list[Path]:

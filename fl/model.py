@@ -8,7 +8,7 @@ from torch import nn
 
 from fed_plora import plora
 
-from .data import TaskSpec, get_task
+from .data import TaskSpec, task_from_config
 from .strategies import Adapter, Factors
 
 #: Short names accepted for ``model.name``.
@@ -90,7 +90,7 @@ def initial_adapter(config) -> tuple[Adapter, dict[str, torch.Tensor]]:
     """The ``(adapter, extra)`` a run of ``config`` starts from, for a strategy of its own: the backbone
     loaded in fp32 on the CPU, PLoRA injected as every client does it, read back."""
     tokenizer = load_tokenizer(config.model.name)
-    task = get_task(config.task.name)
+    task = task_from_config(config.task)
     model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, torch.device("cpu"), torch.float32)
     return read_adapter(inject_configured(model, config))
 

@@ -21,8 +21,10 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
     The config, with its targets resolved, is kept as ``model.plora_config``. Returns ``model``.
 
     Raises ``ValueError`` when the model is already injected, when no module matches the targets, when
-    a target that names a module matches one that is not a linear layer, when ``modules_to_save`` names a
-    module the model does not have, or when no targets are given for a model type without defaults.
+    a target that names a module matches one that is not a linear layer or one inside a module of
+    ``modules_to_save`` (trained in full: BERT's ``dense`` also names ``bert.pooler.dense``), when
+    ``modules_to_save`` names a module the model does not have, or when no targets are given for a model
+    type without defaults (``"all-linear"`` skips the modules of ``modules_to_save``).
     Everything is checked before the model changes, and a call that fails leaves it as it was.
     """
     if not isinstance(model, nn.Module):
@@ -33,8 +35,8 @@ def inject(model: nn.Module, config: PLoRAConfig) -> nn.Module:
         raise ValueError("model already holds PLoRA layers: inject once per model")
     if config.target_modules is None:
         config = dataclasses.replace(config, target_modules=default_target_modules(model))
-    targets = _target_names(model, config)
-    extra_modules(model, config)  # a missing modules_to_save entry is refused before anything changes
+    saved = extra_modules(model, config)  # a missing modules_to_save entry is refused before anything changes
+    targets = _target_names(model, config, saved)
     with undo_injection_on_failure(model):
         layers = {
             name: PLoRALinear(
@@ -98,11 +100,16 @@ def extra_modules(model: nn.Module, config: PLoRAConfig) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
-def _target_names(model: nn.Module, config: PLoRAConfig) -> list[str]:
+def _target_names(model: nn.Module, config: PLoRAConfig, saved: list[str]) -> list[str]:
+    """The modules to adapt; ``saved``: the modules trained in full (``extra_modules``), never adapted."""
     targets = config.target_modules
+
+    def inside_saved(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") for s in saved)
+
     if targets == "all-linear":
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in model.named_modules() if _base.is_adaptable(m) and m is not head]
+        names = [n for n, m in model.named_modules() if _base.is_adaptable(m) and m is not head and not inside_saved(n)]
     else:
         matched = [(n, m) for n, m in model.named_modules() if n and name_matches(n, targets)]
         wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not _base.is_adaptable(m)]
@@ -110,6 +117,13 @@ def _target_names(model: nn.Module, config: PLoRAConfig) -> list[str]:
         if wrong and not isinstance(targets, str):
             raise ValueError(f"target_modules must name nn.Linear or Linear4bit modules, but these match: {wrong}")
         names = [n for n, m in matched if _base.is_adaptable(m)]
+        clash = [n for n in names if inside_saved(n)]
+        if clash:
+            raise ValueError(
+                f"target_modules={targets!r} match {clash}, inside modules_to_save {config.modules_to_save!r} (trained in "
+                "full): name the targets more precisely (for example 'attention.output.dense') or drop the module from "
+                "modules_to_save"
+            )
     if not names:
         raise ValueError(f"no nn.Linear or Linear4bit module of the model matches target_modules={targets!r}")
     return names

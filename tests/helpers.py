@@ -150,6 +150,7 @@ def tiny_config(tiny_models: Path, tmp_path: Path, *overrides: str):
             "train.local_steps=1",
             "train.batch_size=4",
             "train.eval_batch_size=8",
+            "references.names=[]",
             *overrides,
         ],
     )

@@ -1,13 +1,16 @@
-"""Tasks, their data (local directory or Hugging Face Hub), tokenisation and metrics."""
+"""Tasks, their data (local directory or Hugging Face Hub; the user's own files), tokenisation and metrics."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
+
+from .custom import custom_examples, custom_task
 from .metrics import score
 from .sources import DATA_DIR_ENV, SPLITS, DataError, hub_rows, local_rows
-from .tasks import TASKS, TaskSpec, get_task
+from .tasks import CUSTOM, TASKS, TaskSpec, get_task
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -29,4 +32,44 @@ def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> 
     return [spec.to_example(r) for r in rows]
 
 
-__all__ = ["DATA_DIR_ENV", "TASKS", "DataError", "TaskSpec", "get_task", "load_examples", "resolve_data_dir", "score"]
+def task_from_config(config) -> TaskSpec:
+    """The task of a run's config (or of its ``[task]`` section): a built-in task by name, or for ``name =
+    "custom"`` the spec of the user's files (``fl.data.custom``: kind, metric, the train file's label set)."""
+    section = getattr(config, "task", config)
+    return custom_task(section) if section.name == CUSTOM else get_task(section.name)
+
+
+def task_examples(section, task: TaskSpec, split: str) -> list[dict]:
+    """The examples of a run's task (``task_from_config(section)``) and ``split`` ("train" or "eval"): a
+    built-in task's from ``section.data_dir`` (``load_examples``), a custom task's from its files."""
+    if task.name == CUSTOM:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return custom_examples(section, task, split)
+    return load_examples(task.name, split, section.data_dir)
+
+
+def split_off(examples: list, count: int, rng: np.random.Generator) -> tuple[list, list]:
+    """``(rest, held)``: ``count`` examples drawn by ``rng`` (without replacement) and the others, both in
+    their original order. The one way a split is carved out of another (``task.eval_split = "train_holdout"``,
+    the eval split of a user's train file without an eval file)."""
+    if not 1 <= count < len(examples):
+        raise ValueError(f"cannot hold out {count} of {len(examples)} examples")
+    held = set(rng.choice(len(examples), size=count, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+__all__ = [
+    "CUSTOM",
+    "DATA_DIR_ENV",
+    "TASKS",
+    "DataError",
+    "TaskSpec",
+    "get_task",
+    "load_examples",
+    "resolve_data_dir",
+    "score",
+    "split_off",
+    "task_examples",
+    "task_from_config",
+]

@@ -1,5 +1,6 @@
 """Task metrics, written out (no extra dependency): Matthews correlation, accuracy, binary F1,
-exact match of the final number, Rouge-L (LCS F-measure) and yes/no/maybe accuracy."""
+exact match of the final number, Rouge-L (LCS F-measure) and yes/no/maybe accuracy; a custom task's metric
+by name (``CUSTOM_METRICS``)."""
 
 from __future__ import annotations
 
@@ -89,8 +90,39 @@ def first_decision(text: str, choices=("yes", "no", "maybe")) -> str | None:
     return None
 
 
-def score(task: str, predictions: list, references: list) -> dict[str, float]:
-    """All metrics of ``task`` for model outputs (class ids or generated strings) against references."""
+def mean_rouge_l(predictions: list[str], references: list[str]) -> float:
+    if len(predictions) != len(references) or not references:
+        raise ValueError("predictions and references must be non-empty and of equal length")
+    return sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(references)
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """The share of predictions equal to their reference, leading and trailing spaces aside."""
+    return accuracy([p.strip() for p in predictions], [r.strip() for r in references])
+
+
+#: The metrics a task of the user's own files may choose (``task.metric``), by name.
+CUSTOM_METRICS = {
+    "accuracy": accuracy,
+    "f1": f1_binary,  # of class id 1, the second label
+    "matthews": matthews_corrcoef,
+    "rouge_l": mean_rouge_l,
+    "exact_match": exact_match,
+}
+
+
+def score(task: str, predictions: list, references: list, metric: str | None = None) -> dict[str, float]:
+    """All metrics of ``task`` for model outputs (class ids or generated strings) against references; a task
+    of the user's own files (``"custom"``) is scored by its ``metric`` (and accuracy, for classification)."""
+    if task == "custom":
+        if metric not in CUSTOM_METRICS:
+            raise ValueError(
+                f"a custom task is scored by its metric (TaskSpec.metric), one of {', '.join(CUSTOM_METRICS)}; got {metric!r}"
+            )
+        out = {metric: CUSTOM_METRICS[metric](predictions, references)}
+        if metric in ("f1", "matthews"):
+            out["accuracy"] = accuracy(predictions, references)
+        return out
     if task == "cola":
         return {"matthews": matthews_corrcoef(predictions, references), "accuracy": accuracy(predictions, references)}
     if task in ("sst2", "rte"):
@@ -100,9 +132,7 @@ def score(task: str, predictions: list, references: list) -> dict[str, float]:
     if task == "gsm8k":
         return {"exact_match": accuracy([final_number(p) for p in predictions], references)}
     if task == "dolly":
-        if len(predictions) != len(references) or not references:
-            raise ValueError("predictions and references must be non-empty and of equal length")
-        return {"rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / len(references)}
+        return {"rouge_l": mean_rouge_l(predictions, references)}
     if task == "pubmedqa":
         return {"accuracy": accuracy([first_decision(p) for p in predictions], references)}
     raise KeyError(f"unknown task {task!r}")

@@ -1,4 +1,5 @@
-"""The seven tasks: what kind each is, how a raw row becomes an example, and which metric scores it.
+"""The seven built-in tasks: what kind each is, how a raw row becomes an example, and which metric scores it
+(a task of the user's own files, ``CUSTOM``, is built from the config: ``fl.data.custom``).
 
 An example is a dict. Classification: ``text``, ``text_pair`` (or None), ``label`` (int).
 Generation: ``prompt``, ``target`` (what the model learns to continue with), ``reference`` (what the
@@ -16,7 +17,8 @@ from .sources import PUBMEDQA_DECISIONS
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task. ``metric``: the headline metric key; ``num_labels``: classes (classification only)."""
+    """One task. ``metric``: the headline metric key; ``num_labels``: classes (classification only);
+    ``labels``: a custom task's label of each class id (``fl.data.custom``)."""
 
     name: str
     kind: str  # "classification" | "generation"
@@ -24,6 +26,7 @@ class TaskSpec:
     to_example: Callable[[dict], dict]
     num_labels: int | None = None
     max_new_tokens: int = 0
+    labels: tuple = ()
 
 
 def _single(row: dict) -> dict:
@@ -70,6 +73,9 @@ TASKS: dict[str, TaskSpec] = {
     "dolly": TaskSpec("dolly", "generation", "rouge_l", _dolly, max_new_tokens=128),
     "pubmedqa": TaskSpec("pubmedqa", "generation", "accuracy", _pubmedqa, max_new_tokens=4),
 }
+
+#: ``task.name`` of a task of the user's own files (``fl.data.custom``, its spec built from the config).
+CUSTOM = "custom"
 
 
 def get_task(name: str) -> TaskSpec:

@@ -51,6 +51,7 @@ def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> Rec
         "trained": json.dumps({n: idx.tolist() for n, idx in plan.trained.items()}),
         "fold_mode": plan.fold_mode,
         "init": json.dumps(plan.init),
+        "local": json.dumps(plan.local),
     }
     return RecordDict(
         {
@@ -64,7 +65,7 @@ def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> Rec
 @dataclass
 class TrainRequest:
     """A train message as read by a client: the run's config, the method, round and client, and the plan
-    as sent (``download``, ``trained``, ``fold_mode``, ``init``; tensors on the CPU)."""
+    as sent (``download``, ``trained``, ``fold_mode``, ``init``, ``local``; tensors on the CPU)."""
 
     config: Config
     method: str
@@ -74,6 +75,7 @@ class TrainRequest:
     trained: dict[str, list[int]]
     fold_mode: str
     init: dict
+    local: dict
 
     def plan(self, strategy: type[Strategy], template: Adapter) -> ClientPlan:
         """The ``ClientPlan`` rebuilt with ``strategy.client_adapter`` against ``template`` (the client's
@@ -83,7 +85,9 @@ class TrainRequest:
         trained = {n: torch.tensor(idx, dtype=torch.int64, device=device) for n, idx in self.trained.items()}
         extra = {n[len("extra.") :]: t for n, t in download.items() if n.startswith("extra.")}
         adapter = strategy.client_adapter(download, self.init, template)
-        return ClientPlan(self.client, adapter, trained, extra, download, init=self.init, fold_mode=self.fold_mode)
+        return ClientPlan(
+            self.client, adapter, trained, extra, download, init=self.init, fold_mode=self.fold_mode, local=self.local
+        )
 
 
 def read_request(content: RecordDict) -> TrainRequest:
@@ -102,6 +106,7 @@ def read_request(content: RecordDict) -> TrainRequest:
         json.loads(header["trained"]),
         str(header["fold_mode"]),
         json.loads(header["init"]),
+        json.loads(header["local"]),
     )
 
 

@@ -38,7 +38,10 @@ class ClientPlan:
     client_flops: preparation FLOPs at the client besides folding (FLoRA merging its stack);
     init: JSON-able values that, with ``download``, let a remote client rebuild ``adapter`` (see
     ``Strategy.client_adapter``; FLoRA: the seed of its fresh modules);
-    fold_mode: how the client folds the modules it does not train (``plora.select_and_fold``'s mode).
+    fold_mode: how the client folds the modules it does not train (``plora.select_and_fold``'s mode);
+    local: JSON-able settings of the client's local training that the method sets (see ``fl.client.fit``):
+    ``scale``, a multiplier of every layer's scale while the client trains (FlexLoRA's ``α/r_i``), and
+    ``tail_penalty``, ``[start, stop, weight]`` of HetLoRA's regulariser on the modules ``[start, stop)``.
     """
 
     client: int
@@ -49,6 +52,7 @@ class ClientPlan:
     client_flops: float = 0.0
     init: dict = field(default_factory=dict)
     fold_mode: str = "merge"
+    local: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -218,14 +222,14 @@ class Strategy(ABC):
         for name, value in self.extra.items():
             self.extra[name] = weighted_sum([u.extra[name] for u in updates], weights).to(value.dtype)
 
-    def truncated_plan(self, client: int, rank: int) -> ClientPlan:
+    def truncated_plan(self, client: int, rank: int, local: dict | None = None) -> ClientPlan:
         """A rank-``rank`` LoRA client: the global adapter's first ``rank`` modules, sent and trained."""
         adapter = {n: truncated(f, rank) for n, f in self.adapter.items()}
         idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
         download = {}
         for n, f in self.adapter.items():
             download[f"{n}.a"], download[f"{n}.b"] = f.a[:rank], f.b[:, :rank]
-        return self.plan(client, adapter, {n: idx for n in adapter}, download)
+        return self.plan(client, adapter, {n: idx for n in adapter}, download, local=local)
 
     def plan(
         self,
@@ -235,11 +239,12 @@ class Strategy(ABC):
         download: dict[str, torch.Tensor],
         client_flops: float = 0.0,
         init: dict | None = None,
+        local: dict | None = None,
     ) -> ClientPlan:
         """A ``ClientPlan`` carrying the global head and the method's fold mode; ``download`` gets the head added."""
         extra = {n: t.clone() for n, t in self.extra.items()}
         download = {**download, **{f"extra.{n}": t for n, t in extra.items()}}
-        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode)
+        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode, local or {})
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

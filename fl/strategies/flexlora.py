@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..costs import qr_flops, svd_flops
 from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, stacked
 from .lowrank import orthonormal_complement, top_components
+
+#: How a FlexLoRA client scales its modules (``[methods.flexlora] scale``).
+SCALES = ("common", "rank")
+
+
+@dataclass
+class FlexLoRAOptions:
+    """``[methods.flexlora]``: ``scale``, "common" (every client's update is ``s · B A`` with the run's
+    ``s = α/R``, as for every other method; the default) or "rank" (a client of rank ``r_i`` scales by
+    ``α/r_i``, as PEFT does for ``LoraConfig(r=r_i, lora_alpha=α)`` and FlexLoRA's reference code runs it)."""
+
+    scale: str = "common"
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
 
 
 class FlexLoRA(Strategy):
@@ -18,9 +36,15 @@ class FlexLoRA(Strategy):
     core), never from the dense ``[N, K]`` product. Where ``ΔW`` has fewer than ``min(R, N, K)`` nonzero
     singular values, the missing components are zero: ``B`` columns zero, ``A`` rows an orthonormal
     completion of ``V`` (as a dense SVD returns them, up to rotation; drawn from the run seed and round), so
-    that the clients' modules there train as fresh LoRA modules."""
+    that the clients' modules there train as fresh LoRA modules.
+
+    With ``scale = "rank"`` a client of rank ``r_i`` trains with its layers' scale multiplied by ``R / r_i``
+    (``α/r_i`` in all); the server sums the updates it means, ``Σ p_i (R/r_i) B_i A_i``, and hands a client
+    of rank ``r_j`` the top ``r_j`` components with ``B`` divided by ``R/r_j``, so that its model starts from
+    the global update. The global adapter (evaluation) is in the common scale either way."""
 
     name = "flexlora"
+    Options = FlexLoRAOptions
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -41,16 +65,28 @@ class FlexLoRA(Strategy):
             else None
         )
 
+    def multiplier(self, rank: int) -> float:
+        """A rank-``rank`` client's scale over the common one: ``R / rank`` with ``scale = "rank"``, else 1."""
+        return self.rank / rank if self.options.scale == "rank" else 1.0
+
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
-        return self.truncated_plan(client, rank)
+        multiplier = self.multiplier(rank)
+        if multiplier == 1.0:
+            return self.truncated_plan(client, rank)
+        plan = self.truncated_plan(client, rank, {"scale": multiplier})
+        for name, (_a, b) in plan.adapter.items():
+            b /= multiplier
+            plan.download[f"{name}.b"] = b[:, :rank]
+        return plan
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)
+        multipliers = torch.tensor([self.multiplier(len(next(iter(u.trained.values())))) for u in updates], dtype=weights.dtype)
         self.full, flops = {}, 0.0
         generator = torch.Generator().manual_seed(self.seed * 100_003 + rnd)
         for name, (a, b) in self.adapter.items():
             n_out, k_in = b.shape[0], a.shape[1]
-            self.full[name] = stacked(updates, weights, name)
+            self.full[name] = stacked(updates, weights * multipliers, name)  # each update at its own scale
             u_mat, s_vec, vh = top_components(self.full[name], self.rank)
             kept, components = s_vec.numel(), min(self.rank, n_out, k_in)
             new_a, new_b = torch.zeros_like(a), torch.zeros_like(b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..costs import product_flops
@@ -9,8 +10,9 @@ from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strat
 
 
 class FLoRA(Strategy):
-    """Each round clients start new rank-``r_i`` modules (``A`` Kaiming-uniform as LoRA, seeded by the
-    round; ``B`` zero). The server stacks ``p_i A_i`` as rows and ``B_i`` as columns, so that
+    """Each round every client starts new rank-``r_i`` modules of its own (``A`` Kaiming-uniform as LoRA,
+    seeded by the round and the client, as the reference code draws a fresh PEFT adapter per client;
+    ``B`` zero). The server stacks ``p_i A_i`` as rows and ``B_i`` as columns, so that
     ``B_g A_g = Σ p_i B_i A_i`` exactly, and merges that into the frozen base (``RoundResult.base_update``).
 
     Down traffic: a client receives every stack merged since it last took part (its copy of the base
@@ -66,13 +68,9 @@ class FLoRA(Strategy):
             for name, (a, b) in stack.items():
                 download[f"stack{t}.{name}.a"], download[f"stack{t}.{name}.b"] = a, b
                 flops += product_flops(b.shape[0], a.shape[1], a.shape[0])
-        adapter = {}
-        for name, (a, b) in self.adapter.items():
-            start_a = a.clone()
-            start_a[rank:] = 0
-            adapter[name] = Factors(start_a, b.clone())
+        init = {"fresh_seed": fresh_seed(self.seed, rnd, client), "rank": rank, "base_updates": len(self.stacks)}
+        adapter = self.client_adapter({}, init, self.adapter)
         idx = first_modules(rank, self.rank, next(iter(adapter.values())).a.device)
-        init = {"fresh_seed": fresh_seed(self.seed, rnd), "rank": rank, "base_updates": len(self.stacks)}
         return self.plan(client, adapter, {n: idx for n in adapter}, download, client_flops=flops, init=init)
 
     @classmethod
@@ -104,8 +102,11 @@ class FLoRA(Strategy):
         return RoundResult(base_update=stack)
 
 
-def fresh_seed(seed: int, rnd: int) -> int:
-    """The seed of round ``rnd``'s fresh modules in a run seeded ``seed``."""
+def fresh_seed(seed: int, rnd: int, client: int | None = None) -> int:
+    """The seed of round ``rnd``'s fresh modules in a run seeded ``seed``: a client's own, or (``client``
+    None) the global adapter's (whose ``b`` is zero: it only fills the slot between rounds)."""
+    if client is not None:
+        return int(np.random.SeedSequence([seed, rnd, client, 1]).generate_state(1)[0])
     return seed * 100_003 + rnd
 
 

@@ -14,14 +14,18 @@ from .lowrank import squared_norm
 
 @dataclass
 class HetLoRAOptions:
-    """``[methods.hetlora]``: ``prune_gamma`` in (0, 1) turns rank self-pruning on; unset (None): off."""
+    """``[methods.hetlora]``: ``prune_gamma`` in (0, 1) turns rank self-pruning on (unset, None: off), with
+    ``prune_lambda`` (>= 0) the weight of the local regulariser on the tail modules that pruning would cut."""
 
     prune_gamma: float | None = None
+    prune_lambda: float = 0.01
 
     def __post_init__(self) -> None:
-        gamma = self.prune_gamma
+        gamma, weight = self.prune_gamma, self.prune_lambda
         if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < 1):
             raise ValueError(f"prune_gamma must lie in (0, 1) or be unset, got {gamma!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"prune_lambda must be a finite number >= 0, got {weight!r}")
 
 
 class HetLoRA(Strategy):
@@ -29,9 +33,10 @@ class HetLoRA(Strategy):
     zero-padded to ``R``; per layer, clients are weighted by ``‖B_i A_i‖_F`` (normalised; data-size or
     uniform weights when every norm is zero).
 
-    Rank self-pruning (``prune_gamma`` in (0, 1), off by default): after each round, a client whose tail
-    modules ``[⌊γ r⌋, r)`` carry a smaller update norm than in its previous round drops to rank
-    ``max(1, ⌊γ r⌋)`` for the rest of the run.
+    Rank self-pruning (``prune_gamma`` = γ in (0, 1), off by default), as Cho et al. run it: a client of rank
+    ``r`` adds ``λ Σ_layers ‖B_tail‖_F ‖A_tail‖_F`` to its local loss (``prune_lambda`` = λ; the tail: modules
+    ``[max(1, ⌊γ r⌋), r)``), and one whose tail term ``Σ ‖B_tail‖_F ‖A_tail‖_F`` ends a round smaller than it
+    ended its previous round drops to rank ``max(1, ⌊γ r⌋)`` for the rest of the run.
     """
 
     name = "hetlora"
@@ -54,7 +59,15 @@ class HetLoRA(Strategy):
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         r = min(rank, self.pruned_rank.get(client, rank))
-        return self.truncated_plan(client, r)
+        keep = self._kept(r)
+        local = {"tail_penalty": [keep, r, self.options.prune_lambda]} if keep < r and self.options.prune_lambda else None
+        return self.truncated_plan(client, r, local)
+
+    def _kept(self, rank: int) -> int:
+        """The rank a client of rank ``rank`` would prune to (``rank`` itself when pruning is off)."""
+        if self.options.prune_gamma is None:
+            return rank
+        return max(1, math.floor(self.options.prune_gamma * rank))
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         fallback = self.client_weights(updates)
@@ -75,8 +88,11 @@ class HetLoRA(Strategy):
     def _self_prune(self, updates: list[ClientUpdate]) -> None:
         for u in updates:
             r = len(next(iter(u.trained.values())))
-            keep = max(1, math.floor(self.options.prune_gamma * r))
-            tail = math.sqrt(sum(squared_norm(Factors(f.a[keep:r], f.b[:, keep:r])) for f in u.adapter.values()))
+            keep = self._kept(r)
+            tail = sum(
+                float(torch.linalg.vector_norm(f.b[:, keep:r]) * torch.linalg.vector_norm(f.a[keep:r]))
+                for f in u.adapter.values()
+            )
             previous = self._tail_norm.get(u.client)
             if previous is not None and previous[0] == r and tail < previous[1] and keep < r:
                 self.pruned_rank[u.client] = keep

@@ -112,6 +112,8 @@ def test_command_line_and_config_errors(tiny_models, tmp_path, capsys):
         "train.batch_size=4",
         "--set",
         "federation.rank_choices=[2, 4]",
+        "--set",
+        "references.names=[]",
     ]
     assert main(args) == 0
     assert "| fedit |" in capsys.readouterr().out

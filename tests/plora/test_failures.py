@@ -454,3 +454,14 @@ def test_export_peft_failing_leaves_no_half_written_directory(peft_dir, monkeypa
     ]
     assert plora.export_peft(_bert(seed=7), target) == target and {p.name for p in target.iterdir()} == set(old)
     assert sorted(p.name for p in peft_dir.parent.iterdir()) == ["adapter", "fresh"]
+
+
+def test_a_target_inside_a_module_trained_in_full_is_refused_and_changes_nothing():
+    model = tiny_model("bert")  # BERT's "dense" names attention.output.dense, output.dense and pooler.dense
+    before = _everything(model)
+    config = plora.PLoRAConfig(r=4, target_modules=["dense"], modules_to_save=["bert.pooler", "classifier"])
+    with pytest.raises(ValueError, match=r"bert\.pooler\.dense.*inside modules_to_save"):
+        plora.inject(model, config)
+    _assert_unchanged(before, model)
+    plora.inject(model, plora.PLoRAConfig(r=4, target_modules="all-linear", modules_to_save=["bert.pooler", "classifier"]))
+    assert not any(n.startswith(("bert.pooler", "classifier")) for n in plora.plora_layers(model))
