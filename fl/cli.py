@@ -1,5 +1,6 @@
 """``fed-plora run``: one command for any method on any task, from a config file and flags;
-``fed-plora resume <run_dir>``: continue a killed run.
+``fed-plora resume <run_dir>``: continue a killed run; ``fed-plora study --config <study.toml>``: a grid of
+settings × seeds × methods, resumable, with its report (``fl.study``).
 
 Exit status: 0 on success; 1 when the run finished but, for some method, every client of every round
 failed (its results are the untrained model's); 2 when the run was refused before it started (a bad
@@ -26,6 +27,8 @@ REFUSALS = (ConfigError, DataError, CheckpointError, FileFormatError, FileNotFou
 SHORTCUTS = {
     "task": "task.name",
     "data_dir": "task.data_dir",
+    "train_file": "task.train_file",
+    "eval_file": "task.eval_file",
     "model": "model.name",
     "rounds": "federation.rounds",
     "clients": "federation.clients",
@@ -42,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="simulate one or more methods and write a run directory")
     run.add_argument("--config", help="TOML config file (sections run, task, model, federation, train, methods)")
     run.add_argument("--methods", help=f"comma-separated, from: {', '.join(STRATEGIES)}")
-    run.add_argument("--task", help=f"one of: {', '.join(TASKS)}")
+    run.add_argument("--task", help=f"one of: {', '.join(TASKS)}, or custom (your own files: --train-file)")
     run.add_argument("--data-dir", help="local data directory (layout of shared/data); default $FED_PLORA_DATA, else the Hub")
+    run.add_argument("--train-file", help="task custom: your training data (.csv, .tsv, .json, .jsonl; docs/fl.md)")
+    run.add_argument("--eval-file", help="task custom: your eval data (default: a seeded share of the train file)")
     run.add_argument("--model", help="'minilm', a local model directory or a Hub id")
     run.add_argument("--rounds", type=int)
     run.add_argument("--clients", type=int)
@@ -66,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
     resume.add_argument("--data-dir", help="where the run's data now lies, if it moved")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study = sub.add_parser("study", help="run a grid of settings × seeds × methods (resumable) and report it (docs/study.md)")
+    study.add_argument("--config", required=True, help="the study's TOML file ([study], [common], [settings.<name>])")
+    study.add_argument("--workers", type=int, help="processes of one thread each (default: the study's workers; 1: here)")
+    study.add_argument("--seeds", help="comma-separated: run only these of the study's seeds")
+    study.add_argument("--only", help="comma-separated: run only these settings")
+    study.add_argument("--report-only", action="store_true", help="run nothing: report the finished cells")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _quiet_transformers()
     command = "fed-plora " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "study":
+        return _study(args)
     if args.command == "resume":
         from .experiment import resume_experiment
 
@@ -108,6 +122,40 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     directory, table = run_experiment(config, command, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
     return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    """``fed-plora study``: 0 when every cell run now finished, 1 when some failed (the report marks them)."""
+    from .study import check_recorded, run_study
+    from .study_config import StudyError, load_study
+    from .study_report import write_report
+
+    def listed(text: str | None, kind):
+        try:
+            return None if text is None else [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise StudyError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+
+    if args.workers is not None and args.workers < 1:
+        raise StudyError(f"--workers {args.workers}: must be >= 1")
+    study = load_study(args.config)
+    if args.report_only:
+        check_recorded(study.cells)
+        print(f"report: {write_report(study)}")
+        return 0
+    try:
+        outcome = run_study(study, args.workers, listed(args.seeds, int), listed(args.only, str), progress=not args.no_progress)
+    except KeyboardInterrupt:
+        again = f"fed-plora study --config {shlex.quote(args.config)}"
+        print(f"\nfed-plora: interrupted; every cell is resumable: run `{again}` again", file=sys.stderr)
+        return 130
+    print(
+        f"\ncells: {len(outcome.ran)} run, {len(outcome.skipped)} already finished, {len(outcome.failed)} failed\n"
+        f"results: {outcome.directory / 'results.jsonl'}\nreport: {outcome.report}"
+    )
+    for name, error in outcome.failed.items():
+        print(f"fed-plora: error: cell {name}: {error.splitlines()[0]}", file=sys.stderr)
+    return 1 if outcome.failed else 0
 
 
 def _quiet_transformers() -> None:

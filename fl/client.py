@@ -104,6 +104,7 @@ def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id:
         batch_size=tcfg.batch_size,
         lr=round_lr(config, rnd),
         warmup_steps=tcfg.warmup_steps,
+        group_by_length=tcfg.group_by_length,
         optimizer=tcfg.optimizer,
         momentum=tcfg.momentum,
         weight_decay=tcfg.weight_decay,
@@ -113,14 +114,40 @@ def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id:
     )
 
 
-def local_batches(features: list[dict], batch_size: int, steps: int, generator: torch.Generator, pad_id: int):
-    """``steps`` padded batches drawn without replacement, reshuffling at every pass over ``features``."""
+def local_batches(
+    features: list[dict], batch_size: int, steps: int, generator: torch.Generator, pad_id: int, group_by_length: bool = False
+):
+    """``steps`` padded batches drawn without replacement, reshuffling at every pass over ``features``
+    (``group_by_length``: batches of examples of similar length, see ``pass_order``)."""
+    lengths = [len(f["input_ids"]) for f in features] if group_by_length else None
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch_size:
-            order += torch.randperm(len(features), generator=generator).tolist()
+            order += pass_order(len(features), batch_size, generator, lengths)
         chunk, order = order[:batch_size], order[batch_size:]
         yield collate([features[i] for i in chunk], pad_id)
+
+
+#: Batches per group sorted by length (``pass_order``).
+LENGTH_GROUP = 50
+
+
+def pass_order(count: int, batch_size: int, generator: torch.Generator, lengths: list[int] | None = None) -> list[int]:
+    """One pass over ``count`` examples in random order; with ``lengths``, as batches of similar length: the
+    random order is cut into groups of ``LENGTH_GROUP`` batches, each group sorted by length and cut into
+    batches, and the batches shuffled (a short last batch kept last), so that a batch pads little while
+    every example stays equally likely at every step."""
+    order = torch.randperm(count, generator=generator).tolist()
+    if lengths is None:
+        return order
+    batches = []
+    group = batch_size * LENGTH_GROUP
+    for start in range(0, count, group):
+        members = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [members[k : k + batch_size] for k in range(0, len(members), batch_size)]
+    short = [b for b in batches if len(b) < batch_size]
+    full = [b for b in batches if len(b) == batch_size]
+    return [i for k in torch.randperm(len(full), generator=generator).tolist() for i in full[k]] + [i for b in short for i in b]
 
 
 def train_local(
@@ -137,11 +164,13 @@ def train_local(
     optimizer: str = "adamw",
     momentum: float = 0.0,
     warmup_steps: int = 0,
+    group_by_length: bool = False,
     penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainStats:
     """``steps`` steps of a fresh ``optimizer`` ("adamw" or "sgd" with ``momentum``) on the parameters that
     currently require grad (build after the fold), the learning rate rising linearly over the first
-    ``warmup_steps``; ``penalty()`` is added to every step's loss (the reported loss is the task's alone)."""
+    ``warmup_steps``, batches of similar length with ``group_by_length``; ``penalty()`` is added to every
+    step's loss (the reported loss is the task's alone)."""
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
     start = time.perf_counter()
@@ -158,7 +187,7 @@ def train_local(
     torch.manual_seed(seed)  # dropout
     model.train()
     total, tokens = 0.0, 0
-    for batch in local_batches(features, batch_size, steps, generator, pad_id):
+    for batch in local_batches(features, batch_size, steps, generator, pad_id, group_by_length):
         batch = {k: v.to(device) for k, v in batch.items()}
         with precision_context(device, autocast_dtype):
             loss = model(**batch).loss

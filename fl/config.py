@@ -87,6 +87,7 @@ class TrainSection:
     local_steps: int | None = 10  # local steps per client and round ...
     local_epochs: float | None = None  # ... or epochs over the client's data (set local_steps = 0)
     batch_size: int = 16
+    group_by_length: bool = False  # batches of examples of similar length (less padding; fl.client.pass_order)
     lr: float = 5e-4  # peak learning rate (round 1, after warm-up)
     lr_schedule: str = "constant"  # over rounds: constant | cosine (lr to lr_min by the last round, as FlowerTune)
     lr_min: float = 0.0  # the cosine schedule's last-round learning rate
@@ -235,6 +236,15 @@ def choice(options, optional: bool = False) -> Check:
     return Check(test, f"one of {', '.join(options)}" + (", or unset" if optional else ""))
 
 
+def boolean() -> Check:
+    def test(value):
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
+
+    return Check(test, "true or false")
+
+
 def text(optional: bool = False) -> Check:
     def test(value):
         if value is None and optional:
@@ -348,6 +358,7 @@ FIELDS: dict[str, Check] = {
     "train.local_steps": integer(0, optional=True),
     "train.local_epochs": number(0, low_open=True, optional=True),
     "train.batch_size": integer(1),
+    "train.group_by_length": boolean(),
     "train.lr": number(0, low_open=True),
     "train.lr_schedule": choice(("constant", "cosine")),
     "train.lr_min": number(0),
@@ -380,7 +391,7 @@ def _check_options(options, dotted: str, origin: str) -> None:
 
 
 def task_kind(config: Config) -> str:
-    """"classification" or "generation": the kind of the config's task."""
+    """ "classification" or "generation": the kind of the config's task."""
     return config.task.kind if config.task.name == "custom" else TASKS[config.task.name].kind
 
 
@@ -527,7 +538,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def toml_literal(value) -> str:
-    """A TOML literal for a value (strings quoted, lists element-wise)."""
+    """A TOML literal for a value (strings quoted, booleans lower-case, lists element-wise)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):

@@ -21,12 +21,14 @@ def evaluate(
     max_new_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """The task's metrics on ``features``: argmax of the logits (classification) or greedy generation."""
+    """The task's metrics on ``features``: argmax of the logits (classification) or greedy generation, in
+    batches of examples of similar length."""
     device = next(model.parameters()).device
     model.eval()
     predictions, references = [], []
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
+    by_length = sorted(features, key=lambda f: len(f["input_ids"]))  # batches pad little; the metric is order-free
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start : start + batch_size]
         if task.kind == "classification":
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             references += batch.pop("labels").tolist()

@@ -188,3 +188,17 @@ def test_a_run_whose_targets_hit_a_module_trained_in_full_is_refused_before_writ
     with pytest.raises(ConfigError, match=r"bert\.pooler\.dense"):
         run_experiment(config, progress=False)
     assert not (tmp_path / "pooler").exists()
+
+
+def test_length_grouped_passes_cover_every_example_once_in_batches_of_similar_length():
+    from fed_plora.fl.client import pass_order
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 60, (1003,), generator=generator).tolist()
+    order = pass_order(1003, 8, generator, lengths)
+    assert sorted(order) == list(range(1003))
+    batches = [order[k : k + 8] for k in range(0, 1000, 8)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches of 8 spread ~45
+    firsts = {tuple(pass_order(1003, 8, torch.Generator().manual_seed(s), lengths)[:8]) for s in range(20)}
+    assert len(firsts) == 20  # the first batch of a round is not always the same (or the longest)

@@ -1,0 +1,235 @@
+"""``fed-plora study``: run a study's cells (one run directory per setting and seed, every method in it), one
+after another or in worker processes of one thread each, then write its results and report.
+
+Resumable: a finished cell is skipped, a started one continues from its checkpoints (``run_experiment``
+with ``resume``), and a cell whose run was started under another config than the study now gives is refused
+before any cell runs. A cell that fails is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config, ConfigError
+from .storage import FileFormatError, finite_json, read_json, read_jsonl
+from .study_config import Cell, Study, StudyError, flatten
+
+#: Fields a cell's recorded config may differ in from the study's (as a resume allows).
+_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir")
+#: Thread settings of a worker process, in its environment before it imports torch.
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+@dataclass
+class StudyOutcome:
+    """What a study command did: cells skipped (finished before), run now, failed now (name -> error)."""
+
+    directory: Path
+    skipped: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def cell_state(cell: Cell) -> str:
+    """The cell's state: "finished" (its ``summary.json`` is written and every method ran all rounds),
+    "started" (a run is in its directory: resume it) or "new" (no run yet)."""
+    directory = cell.directory
+    if not (directory / "config.json").is_file():
+        return "new"
+    if (directory / "summary.json").is_file():
+        try:
+            records = read_jsonl(directory / "metrics.jsonl")
+        except FileFormatError:
+            return "started"
+        last = {}
+        for r in records:
+            last[r.get("method")] = max(last.get(r.get("method"), 0), r.get("round") or 0)
+        if all(last.get(m, 0) >= cell.config.federation.rounds for m in cell.config.methods.names):
+            return "finished"
+    return "started"
+
+
+def check_recorded(cells: list[Cell]) -> None:
+    """``StudyError`` naming every cell whose run directory holds a run started under another config than
+    the study gives it now (fields listed); results of two configs are never mixed."""
+    problems = []
+    for cell in cells:
+        path = cell.directory / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            saved = read_json(path)
+            saved = {k: v for k, v in saved.items() if k != "command"}
+            recorded = flatten(finite_json(Config.from_dict(saved).to_dict()))
+        except (FileFormatError, ConfigError, KeyError, TypeError, AttributeError) as error:
+            problems.append(f"cell {cell.name} ({cell.directory}): its config.json cannot be read ({error})")
+            continue
+        now = flatten(finite_json(cell.config.to_dict()))
+        differ = [k for k in sorted(set(now) | set(recorded)) if k not in _MAY_DIFFER and now.get(k) != recorded.get(k)]
+        if differ:
+            changes = "; ".join(f"{k}: {recorded.get(k)!r} (cell) -> {now.get(k)!r} (study)" for k in differ[:6])
+            problems.append(f"cell {cell.name} ({cell.directory}) was run under another config ({changes})")
+    if problems:
+        raise StudyError(
+            "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more cells" if len(problems) > 4 else "") + ". "
+            "The study changed after these cells ran and their results would be mixed with the new ones: restore the "
+            "setting, give the changed setting a new name, or move the cells' directories away to run them anew"
+        )
+
+
+def select(study: Study, seeds: list[int] | None = None, only: list[str] | None = None) -> list[Cell]:
+    """The study's cells of ``only`` (setting names) and ``seeds`` (both: all by default); ``StudyError``
+    for a name or seed the study does not have."""
+    unknown = [s for s in only or () if s not in study.settings]
+    if unknown:
+        raise StudyError(f"study {study.path}: no setting {', '.join(map(repr, unknown))}; settings: {', '.join(study.settings)}")
+    missing = [s for s in seeds or () if s not in study.seeds]
+    if missing:
+        raise StudyError(f"study {study.path}: seeds {missing} are not the study's {study.seeds} (add them to [study] seeds)")
+    return [c for c in study.cells if (not only or c.setting in only) and (seeds is None or c.seed in seeds)]
+
+
+def run_study(
+    study: Study,
+    workers: int | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+    report: bool = True,
+) -> StudyOutcome:
+    """Run the selected cells not yet finished, then (``report``) write the whole study's ``results.jsonl``,
+    ``report.md``, ``summary.json`` and plots. ``workers`` (default the study's): 1 runs the cells in this
+    process, with its threads; more runs them in that many processes of one thread each (even a single cell,
+    so that a cell's numbers do not depend on what else runs). Every recorded config is checked first
+    (``check_recorded``); a KeyboardInterrupt stops the study with every cell resumable."""
+    cells = select(study, seeds, only)
+    check_recorded(study.cells)
+    outcome = StudyOutcome(study.directory)
+    states = {c.name: cell_state(c) for c in cells}
+    outcome.skipped = [c.name for c in cells if states[c.name] == "finished"]
+    pending = [c for c in cells if states[c.name] != "finished"]
+    workers = workers or study.workers
+    bar = tqdm(total=len(cells), initial=len(outcome.skipped), desc=study.name, unit="cell", disable=not progress)
+    command = f"fed-plora study --config {shlex.quote(str(study.path))}"
+
+    def done(result: dict) -> None:
+        name = f"{result['setting']}/seed{result['seed']}"
+        if result["error"] is None:
+            outcome.ran.append(name)
+            tqdm.write(f"cell {name}: finished in {result['seconds']:.0f} s")
+        else:
+            outcome.failed[name] = result["error"]
+            tqdm.write(f"cell {name}: FAILED: {result['error']}")
+        bar.update()
+
+    try:
+        if workers == 1 or not pending:
+            for cell in pending:
+                bar.set_postfix_str(f"{cell.name} ({states[cell.name]}), {len(outcome.failed)} failed")
+                done(run_cell(cell.setting, cell.seed, cell.config.to_dict(), command, states[cell.name], progress))
+        else:
+            _run_parallel(pending, states, command, min(workers, len(pending)), done)
+    finally:
+        bar.close()
+    if report:
+        from .study_report import write_report  # matplotlib only when reporting
+
+        outcome.report = write_report(study, outcome.failed)
+    return outcome
+
+
+def _run_parallel(pending: list[Cell], states: dict, command: str, workers: int, done) -> None:
+    """The cells in ``workers`` spawned processes of one thread each; ``done(result)`` as each ends. On
+    Ctrl-C or SIGTERM the workers are terminated (every cell stays resumable: a run's files are written
+    atomically) and KeyboardInterrupt is raised."""
+    with _environment(_ONE_THREAD), _sigterm_interrupts():
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread)
+        try:
+            futures = {
+                pool.submit(run_cell, c.setting, c.seed, c.config.to_dict(), command, states[c.name], False): c for c in pending
+            }
+            for future in as_completed(futures):
+                cell = futures[future]
+                try:
+                    done(future.result())
+                except Exception as error:  # the worker process died (killed, out of memory)
+                    done({"setting": cell.setting, "seed": cell.seed, "error": f"{type(error).__name__}: {error}"})
+        except BaseException:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+
+def run_cell(setting: str, seed: int, config: dict, command: str, state: str, progress: bool) -> dict:
+    """Run (``state`` "new") or resume (``state`` "started") one cell from its config dict; the outcome as a
+    plain dict (``error``: None or the exception's type and message) so that it crosses processes."""
+    from .experiment import RunFailed, run_experiment  # heavy imports only when running
+
+    started = time.monotonic()
+    error = None
+    try:
+        run_experiment(Config.from_dict(config), f"{command}  # cell {setting}/seed{seed}", progress, resume=state == "started")
+    except Exception as exc:  # reported with the cell; the other cells go on
+        error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, (ConfigError, ValueError, OSError, RunFailed)):
+            error += "\n" + traceback.format_exc(limit=-3)
+    return {"setting": setting, "seed": seed, "error": error, "seconds": time.monotonic() - started}
+
+
+def _one_thread() -> None:
+    """A worker process's set-up: Ctrl-C left to the parent (which stops the workers), one torch thread, no
+    transformers load reports or download bars."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    with suppress(RuntimeError):  # already set, or inter-op work already ran
+        torch.set_num_interop_threads(1)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt while inside (in the main thread), so that the workers are stopped too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _environment(values: dict) -> Iterator[None]:
+    """``os.environ`` with ``values`` (where not set already) while inside; as before afterwards."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
