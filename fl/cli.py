@@ -76,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--workers", type=int, help="processes of one thread each (default: the study's workers; 1: here)")
     study.add_argument("--seeds", help="comma-separated: run only these of the study's seeds")
     study.add_argument("--only", help="comma-separated: run only these settings")
+    study.add_argument("--data-dir", help="local data directory for every cell (as run's --data-dir; may change between reruns)")
     study.add_argument("--report-only", action="store_true", help="run nothing: report the finished cells")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -139,6 +140,9 @@ def _study(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise StudyError(f"--workers {args.workers}: must be >= 1")
     study = load_study(args.config)
+    if args.data_dir is not None:
+        for cell in study.cells:
+            cell.config.task.data_dir = args.data_dir
     if args.report_only:
         check_recorded(study.cells)
         print(f"report: {write_report(study)}")

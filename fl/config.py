@@ -88,8 +88,8 @@ class TrainSection:
     local_epochs: float | None = None  # ... or epochs over the client's data (set local_steps = 0)
     batch_size: int = 16
     group_by_length: bool = False  # batches of examples of similar length (less padding; fl.client.pass_order)
-    lr: float = 5e-4  # peak learning rate (round 1, after warm-up)
-    lr_schedule: str = "constant"  # over rounds: constant | cosine (lr to lr_min by the last round, as FlowerTune)
+    lr: float = 1e-3  # peak learning rate (round 1, after warm-up)
+    lr_schedule: str = "cosine"  # over rounds: constant | cosine (lr to lr_min by the last round, as FlowerTune)
     lr_min: float = 0.0  # the cosine schedule's last-round learning rate
     warmup_steps: int = 0  # linear warm-up over a client's first local steps, every round
     optimizer: str = "adamw"  # adamw | sgd (fresh every round, as clients hold no optimizer state)
@@ -130,6 +130,27 @@ MOVED = {
 }
 
 
+#: Fields added since configs were first written, with the value that gives the behaviour from before them
+#: (``Config.from_dict`` reads a ``config.json`` that lacks them so: a resumed run keeps its recipe).
+ADDED = {
+    "train.lr_schedule": "constant",
+    "train.group_by_length": False,
+    "train.warmup_steps": 0,
+    "train.optimizer": "adamw",
+    "references.names": [],
+    "methods.hetlora.prune_lambda": 0.0,
+    "methods.flexlora.scale": "common",
+}
+
+
+def _absent(table: dict, path: list[str]) -> bool:
+    for key in path:
+        if not isinstance(table, dict) or key not in table:
+            return True
+        table = table[key]
+    return False
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -147,10 +168,15 @@ class Config:
     def from_dict(cls, data: dict) -> Config:
         """The inverse of ``to_dict`` (unknown sections or keys raise, as in a config file; a float field
         also reads ``"Infinity"``, ``"-Infinity"`` and ``"NaN"``, as ``config.json`` writes them); the
-        fields of ``MOVED`` are read at their new place. The result is validated."""
+        fields of ``MOVED`` are read at their new place, and a field of ``ADDED`` that ``data`` lacks (a
+        config written before it existed) takes the value that meant what that config ran. Validated."""
         config = cls()
         if not isinstance(data, dict):
             raise ConfigError(f"config dict: expected a table of sections, got {type(data).__name__}")
+        for dotted, before in ADDED.items():
+            section, key = dotted.split(".", 1)
+            if section not in data or (isinstance(data[section], dict) and _absent(data[section], key.split("."))):
+                _apply(config, dotted.split("."), before, "config dict")
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"config dict: {section} must be a table of fields, got {table!r}")

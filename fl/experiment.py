@@ -415,8 +415,9 @@ def _flat(value, prefix: str = "") -> dict:
 
 
 def _same_config(recorded: dict, given: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """``RunDirectoryError`` listing every field where ``given`` differs from the run's recorded config."""
-    ours, theirs = _flat(recorded), _flat(given)
+    """``RunDirectoryError`` listing every field where ``given`` differs from the run's recorded config (both
+    read as ``Config.from_dict`` reads them: a field added since reads as what the run ran)."""
+    ours, theirs = _flat(_as_read(recorded)), _flat(_as_read(given))
     differ = [
         k for k in sorted(set(ours) | set(theirs)) if k not in ignore and ours.get(k, "<absent>") != theirs.get(k, "<absent>")
     ]
@@ -426,6 +427,15 @@ def _same_config(recorded: dict, given: dict, what: str, ignore: tuple[str, ...]
             f"{what} differs from the config the run was started with ({changes}{'; ...' if len(differ) > 8 else ''}): "
             "a resume continues a run only under its own config; start a new run for another"
         )
+
+
+def _as_read(content: dict) -> dict:
+    """A ``config.json`` content with every field, as ``Config.from_dict`` reads it (unchanged when it cannot)."""
+    try:
+        config = Config.from_dict({k: v for k, v in content.items() if k != "command"})
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return content
+    return {**finite_json(config.to_dict()), **({"command": content["command"]} if "command" in content else {})}
 
 
 def _check_resumed_data(directory: Path, manifest: dict | None, fingerprint: dict, clients: list[dict]) -> None:

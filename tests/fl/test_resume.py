@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from fed_plora.fl import resume_experiment, run_experiment
 from fed_plora.fl.checkpoint import capture_rng, restore_rng
+from fed_plora.fl.config import REFERENCES
 from fed_plora.fl.storage import append_jsonl, read_jsonl
 from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
 
@@ -78,7 +79,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_models, tmp_pat
         out = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, out
     ours, theirs = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("killed", "straight"))
-    assert len(ours) == len(STRATEGIES) * 3
+    assert len(ours) == (len(STRATEGIES) + len(REFERENCES)) * 3  # every method and reference row, 3 rounds each
     assert stable(ours) == stable(theirs)
     assert (run / "metrics.jsonl").read_text().endswith("}\n")
     for method in STRATEGIES:

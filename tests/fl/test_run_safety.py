@@ -212,7 +212,7 @@ def _cli_args(tiny_models, tmp_path, *extra):
     args = ["run", "--model", str(tiny_models / "bert"), "--data-dir", str(DATA), "--out-dir", str(tmp_path), "--name", "run"]
     args += ["--methods", "fedplora", "--rounds", "2", "--clients", "3", "--no-progress"]
     sets = ["model.rank=4", "federation.rank_choices=[1, 2, 4]", "task.max_train_examples=24", "task.max_eval_examples=4"]
-    sets += ["task.max_length=16", "train.local_steps=1", "train.batch_size=4"]
+    sets += ["task.max_length=16", "train.local_steps=1", "train.batch_size=4", "references.names=[]"]
     return args + [a for s in sets for a in ("--set", s)] + list(extra)
 
 

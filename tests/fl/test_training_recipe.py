@@ -202,3 +202,19 @@ def test_length_grouped_passes_cover_every_example_once_in_batches_of_similar_le
     assert spread < 5  # random batches of 8 spread ~45
     firsts = {tuple(pass_order(1003, 8, torch.Generator().manual_seed(s), lengths)[:8]) for s in range(20)}
     assert len(firsts) == 20  # the first batch of a round is not always the same (or the longest)
+
+
+def test_a_config_written_before_the_new_fields_reads_back_with_the_recipe_it_ran():
+    from fed_plora.fl.config import ADDED, Config
+
+    old = Config().to_dict()
+    for dotted in ADDED:
+        table, *path = dotted.split(".")
+        parent = old[table]
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+    read = Config.from_dict(old).to_dict()
+    assert read["train"]["lr_schedule"] == "constant" and read["references"]["names"] == []
+    assert read["methods"]["hetlora"]["prune_lambda"] == 0.0
+    assert Config.from_dict(Config().to_dict()).train.lr_schedule == "cosine"  # a config that has them keeps them
