@@ -15,7 +15,7 @@ from fed_plora.fl import client, experiment, report
 from fed_plora.fl.cli import main
 from fed_plora.fl.config import Config
 from fed_plora.fl.report import MB
-from fed_plora.fl.storage import read_jsonl
+from fed_plora.fl.storage import read_json, read_jsonl
 from fed_plora.fl.study import run_study
 from fed_plora.fl.study_config import StudyError, load_study
 from fed_plora.fl.study_report import markdown, summarise
@@ -330,7 +330,11 @@ def test_a_changed_setting_is_refused_naming_the_cell(straight, tiny_models, tmp
 @needs_data
 def test_a_worker_process_gives_the_results_of_this_process(straight, tiny_models, tmp_path):
     path = _tiny_study(tmp_path, tiny_models, "parallel")
-    assert main(["study", "--config", path, "--workers", "2", "--only", "iid", "--seeds", "0", "--no-progress"]) == 0
+    base = tmp_path / "base.toml"  # the data given on the command line instead (it reaches the worker's cell)
+    base.write_text("\n".join(line for line in base.read_text().splitlines() if not line.startswith("data_dir")))
+    args = ["study", "--config", path, "--workers", "2", "--only", "iid", "--seeds", "0", "--data-dir", str(DATA)]
+    assert main([*args, "--no-progress"]) == 0
+    assert read_json(tmp_path / "parallel" / "tiny" / "iid" / "seed0" / "config.json")["task"]["data_dir"] == str(DATA)
     ours = read_jsonl(tmp_path / "parallel" / "tiny" / "results.jsonl")  # a worker process of one thread (one is enough)
     assert _stable(ours) == _stable(read_jsonl(straight / "results.jsonl"))[: len(METHODS)]
     assert "Cells finished: 1 of 4" in (tmp_path / "parallel" / "tiny" / "report.md").read_text()
