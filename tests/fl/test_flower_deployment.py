@@ -107,7 +107,7 @@ def test_flwr_run_on_a_superlink_with_supernodes_equals_our_simulator(tiny_model
             "train.local_steps": 1,
             "train.batch_size": 4,
             "train.eval_batch_size": 8,
-            "train.lr": 5e-4,
+            "train.lr": 1e-3,
             "train.eval_every": 1,
             "methods.names": "'" + str(METHODS).replace("'", '"') + "'",
             "flower.node-timeout": 120.0,

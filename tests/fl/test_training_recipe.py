@@ -25,7 +25,7 @@ def test_cosine_schedule_runs_from_lr_to_lr_min_over_the_rounds():
     assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
     assert lrs[2] == pytest.approx(0.0055)
     assert all(a > b for a, b in itertools.pairwise(lrs))
-    constant = load_config(None, ["train.lr=0.01", "federation.rounds=5"])
+    constant = load_config(None, ["train.lr=0.01", "federation.rounds=5", 'train.lr_schedule="constant"'])
     assert {round_lr(constant, r) for r in range(5)} == {0.01}
 
 
