@@ -47,7 +47,7 @@ MANIFEST_FORMAT = 1
 RUN_FILES = (MANIFEST, "config.json", "clients.json", "metrics.jsonl", "summary.md", "summary.json", "curves.png")
 _CHECKPOINT_FILE = re.compile(r"\.?(" + "|".join((*STRATEGIES, *REFERENCES)) + r")(\.json|\.round\d+\.safetensors)(\.tmp)?")
 #: Fields a resume may change: where the run lies and where its data lies (the data must be the same).
-_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir", "task.train_file", "task.eval_file")
+MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir", "task.train_file", "task.eval_file")
 
 
 class RunDirectoryError(ValueError):
@@ -175,7 +175,7 @@ def run_experiment(
     if resume:
         manifest = _verified_manifest(directory)
         if manifest is not None:
-            _same_config(manifest["config"], _config_json(config, ""), "the config given", ignore=(*_MAY_DIFFER, "command"))
+            _same_config(manifest["config"], _config_json(config, ""), "the config given", ignore=(*MAY_DIFFER, "command"))
     else:
         existing = _existing_run_files(directory, overwrite)
     tokenizer = _tokenizer(config)

@@ -28,7 +28,7 @@ from .data import score
 from .evaluation import evaluate
 from .model import inject_configured, linear_weight_count, read_adapter, write_adapter
 from .partition import sample_clients
-from .server import peak_memory_bytes
+from .server import mean_costs, memory_fields, trainable_params
 from .strategies import FedIT
 
 
@@ -76,15 +76,10 @@ class _Reference:
             "train_loss": None,
             "agg_noise": None,
             "server_flops": 0.0,
-            **dict.fromkeys(("bytes_down_bf16", "bytes_down_fp32", "bytes_up_bf16", "bytes_up_fp32", "trainable_params")),
-            "train_flops": 0.0,
-            "fold_flops": 0.0,
-            "init_noise": None,
-            "init_noise_max": None,
+            **mean_costs([]),  # no client sent or folded anything
             "faults": [],
             **fields,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
+            **memory_fields(self.device),
         }
 
     def evaluate(self, strategy: FedIT | None = None) -> dict[str, float]:
@@ -133,9 +128,7 @@ class _Reference:
         plan = learner.configure_client(rnd, client, learner.options.client_rank)
         update, stats = fit(self.model, plan, features, **settings)
         learner.aggregate(rnd, [update])
-        trainable = self.head_params + sum(
-            len(update.trained[n]) * (f.b.shape[0] + f.a.shape[1]) for n, f in update.adapter.items()
-        )
+        trainable = trainable_params(update, self.head_params)
         flops = costs.training_flops(stats.tokens, self.frozen_params, trainable)
         return {"loss": stats.loss, "seconds": stats.seconds, "flops": flops, "trainable": trainable}
 

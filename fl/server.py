@@ -82,7 +82,7 @@ class FederatedServer(Server):
             **self.participation(planned, accepted),
             "agg_noise": self._aggregation_noise(aggregated, updates) if updates else None,
             "server_flops": aggregated.server_flops if aggregated else 0.0,
-            **_mean_costs(rows),
+            **mean_costs(rows),
             "faults": faults,
         }
         if (rnd + 1) % self.config.train.eval_every == 0 or rnd + 1 == self.config.federation.rounds:
@@ -90,8 +90,7 @@ class FederatedServer(Server):
             record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
             timer["evaluate"] = time.perf_counter() - start
         record.update({f"time_{k}_s": v for k, v in timer.items()})
-        record["peak_memory_bytes"] = peak_memory_bytes(self.device)
-        record["peak_memory_kind"] = "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss"
+        record.update(memory_fields(self.device))
         record.update(round_info(aggregated))
         self.records.append(record)
         return record
@@ -119,7 +118,7 @@ class FederatedServer(Server):
 
     def _client_costs(self, plan: ClientPlan, update: ClientUpdate, stats, global_update: Adapter) -> dict:
         """One client's traffic, trainable parameters, FLOPs and initialisation noise."""
-        trainable = self.head_params + sum(len(update.trained[n]) * (n_out + k_in) for n, (n_out, k_in) in self.shapes.items())
+        trainable = trainable_params(update, self.head_params)
         fold = plan.client_flops
         for name, (n_out, k_in) in self.shapes.items():
             folded = torch.ones(plan.adapter[name].b.shape[1], dtype=torch.bool)
@@ -145,6 +144,17 @@ class FederatedServer(Server):
         return noise.round_aggregation_noise(self.strategy, aggregated.base_update, updates, weights)
 
 
+def trainable_params(update: ClientUpdate, head_params: int) -> int:
+    """Parameters a client trained: the head's and, per layer, ``r · (N + K)`` for its ``r`` trained modules."""
+    return head_params + sum(len(update.trained[n]) * (f.b.shape[0] + f.a.shape[1]) for n, f in update.adapter.items())
+
+
+def memory_fields(device: torch.device) -> dict:
+    """A record's peak memory and what it measures."""
+    kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
+    return {"peak_memory_bytes": peak_memory_bytes(device), "peak_memory_kind": kind}
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA allocation since the last reset, or the process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -156,7 +166,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 MEAN_KEYS = ("bytes_down_bf16", "bytes_down_fp32", "bytes_up_bf16", "bytes_up_fp32", "trainable_params")
 
 
-def _mean_costs(rows: list[dict]) -> dict:
+def mean_costs(rows: list[dict]) -> dict:
     """Per-client means of traffic (and of any ``ClientResult.wire`` field) and trainable parameters,
     sums of FLOPs, mean and max init noise (over the accepted clients; means are None when there is none)."""
     if not rows:

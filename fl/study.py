@@ -24,11 +24,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
+from .experiment import MAY_DIFFER
 from .storage import FileFormatError, finite_json, read_json, read_jsonl
 from .study_config import Cell, Study, StudyError, flatten
 
-#: Fields a cell's recorded config may differ in from the study's (as a resume allows).
-_MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir")
 #: Thread settings of a worker process, in its environment before it imports torch.
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -79,7 +78,7 @@ def check_recorded(cells: list[Cell]) -> None:
             problems.append(f"cell {cell.name} ({cell.directory}): its config.json cannot be read ({error})")
             continue
         now = flatten(finite_json(cell.config.to_dict()))
-        differ = [k for k in sorted(set(now) | set(recorded)) if k not in _MAY_DIFFER and now.get(k) != recorded.get(k)]
+        differ = [k for k in sorted(set(now) | set(recorded)) if k not in MAY_DIFFER and now.get(k) != recorded.get(k)]
         if differ:
             changes = "; ".join(f"{k}: {recorded.get(k)!r} (cell) -> {now.get(k)!r} (study)" for k in differ[:6])
             problems.append(f"cell {cell.name} ({cell.directory}) was run under another config ({changes})")

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError, _json, _lines
+from .sources import DataError, _json, _lines, json_lines
 from .tasks import CUSTOM, TaskSpec
 
 #: File type by extension: the delimiter of a delimited file, or "json" / "jsonl".
@@ -217,19 +216,7 @@ def _delimited_records(path: Path, delimiter: str, columns: dict[str, str]) -> l
 
 def _jsonl_records(path: Path) -> list[tuple[str, dict]]:
     expected = "one JSON object per line"
-    records = []
-    for number, line in _lines(path, expected):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}, line {number}, character {error.colno}: not valid JSON ({error.msg}); expected {expected}"
-            ) from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: a JSON {type(record).__name__}; expected {expected}")
-        records.append((f"{path}, line {number}", record))
+    records = [(f"{path}, line {number}", record) for number, record in json_lines(path, expected, offset="character")]
     if not records:
         raise DataError(f"{path}: no records (expected {expected})")
     return records

@@ -117,10 +117,11 @@ def _glue_rows(task: str, path: Path) -> list[dict]:
     return rows
 
 
-def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """The rows of a JSON lines file, each an object with the string ``fields`` (others ignored)."""
-    expected = f"one JSON object per line with the string fields {', '.join(fields)}"
-    rows = []
+def json_lines(path: Path, expected: str, offset: str = "column") -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSON lines file; ``DataError`` naming the line
+    (and the ``offset`` within it: "column", or "character" where columns are a table's fields) of a line that
+    is not a JSON object, or for a file with none."""
+    objects = []
     for number, line in _lines(path, expected):
         if not line.strip():
             continue
@@ -128,10 +129,19 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(
-                f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg}); expected {expected}"
+                f"{path}, line {number}, {offset} {error.colno}: not valid JSON ({error.msg}); expected {expected}"
             ) from None
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {number}: a JSON {type(row).__name__}; expected {expected}")
+        objects.append((number, row))
+    return objects
+
+
+def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """The rows of a JSON lines file, each an object with the string ``fields`` (others ignored)."""
+    expected = f"one JSON object per line with the string fields {', '.join(fields)}"
+    rows = []
+    for number, row in json_lines(path, expected):
         for name in fields:
             if not isinstance(row.get(name), str):
                 found = "missing" if name not in row else f"{row[name]!r}"
