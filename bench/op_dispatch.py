@@ -65,7 +65,7 @@ def stand_ins() -> ExitStack:
     def reduce_over_m(x, t):
         return torch.empty((x.shape[1], t.shape[1]), device=x.device, dtype=torch.float32)
 
-    def gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale, bias):
+    def gemm_nf4_with_slab(x, nf4, t, g, g_rows_dim, active, slab_scale, bias):
         return torch.empty((x.shape[0], nf4.shape[0]), device=x.device, dtype=x.dtype)
 
     def dequantize_nf4(nf4):

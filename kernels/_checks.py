@@ -94,8 +94,8 @@ _VALIDATED_INDICES: dict[int, tuple[weakref.ref, int, int]] = {}
 
 def check_indices(name: str, indices, rank: int, device: torch.device, like: str = "x") -> torch.Tensor:
     """A 1-D integer tensor on ``device`` (that of ``like``) of distinct module indices in ``[0, rank)``,
-    with any strides. Returns the tensor the kernels must read: ``indices`` itself when contiguous, else a
-    contiguous copy (made on the device, no sync); kernels read index tensors as contiguous arrays.
+    with any strides. Returns the tensor the kernels must read: ``indices`` itself when contiguous int64, else a
+    contiguous int64 copy (made on the device, no sync).
 
     The values are read as the tensor really is (views and strides included). A CPU tensor is checked on
     every call. A CUDA tensor is checked once per tensor object and version counter (the read back to the
@@ -115,7 +115,7 @@ def check_indices(name: str, indices, rank: int, device: torch.device, like: str
     if cache:
         cached = _VALIDATED_INDICES.get(id(indices))
         if cached is not None and cached[0]() is indices and cached[1] == indices._version and cached[2] == rank:
-            return indices.contiguous()
+            return as_kernel_indices(indices)
     values = _values(indices)
     if values:
         low, high = min(values), max(values)
@@ -125,7 +125,13 @@ def check_indices(name: str, indices, rank: int, device: torch.device, like: str
             raise ValueError(f"{name} must not repeat a module index, got {values}")
     if cache:
         _VALIDATED_INDICES[id(indices)] = (weakref.ref(indices, _forget(id(indices))), indices._version, rank)
-    return indices.contiguous()
+    return as_kernel_indices(indices)
+
+
+def as_kernel_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Contiguous int64: one dtype for every index tensor, so the index dtype never selects another binary or
+    tuning key (a device copy unless ``indices`` is already contiguous int64)."""
+    return indices.to(torch.int64).contiguous()
 
 
 def _values(indices: torch.Tensor) -> list[int]:

@@ -24,15 +24,28 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: ``do_not_specialize``, so no index set ever triggers a compile.
 ACTIVE_SET_ARGS = ["idx_ptr", "r", "R"]
 
-#: Launch arguments that only key the autotuner (``M_BUCKET = token_bucket(M)``): kernels never read them and
-#: declare them ``do_not_specialize``, so they select a tuned config but never a compile.
-TUNING_ARGS = ["M_BUCKET"]
+#: Launch arguments about the token count: ``M`` itself and ``M_BUCKET = token_bucket(M)``, which only keys the
+#: autotuner (kernels never read it). Kernels declare both ``do_not_specialize``: M only bounds rows, so its
+#: divisibility by 16 would change no vectorised access and only double the binaries.
+TOKEN_ARGS = ["M", "M_BUCKET"]
 
 #: Smallest padded rank: ``tl.dot`` needs every dimension >= 16.
 MIN_RANK_BUCKET = 16
 
 #: Smallest token bucket: the smallest BLOCK_M of any autotuning config.
 MIN_TOKEN_BUCKET = 16
+
+
+#: Streaming multiprocessors assumed for ``meta`` tensors, which stand for an H100 SXM when launch plans are
+#: counted without a GPU (``bench/static_profile.py``).
+META_MULTIPROCESSORS = 132
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of ``device``'s GPU; ``META_MULTIPROCESSORS`` for ``meta``; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return META_MULTIPROCESSORS if device.type == "meta" else 1
 
 
 def upcast_in_kernel(dtype: torch.dtype) -> bool:
@@ -60,7 +73,7 @@ def rank_bucket(count: int) -> int:
 def token_bucket(m: int) -> int:
     """Autotuning bucket of a token count ``m``: the next power of two, at least ``MIN_TOKEN_BUCKET``.
 
-    Kernels key their autotuning on this bucket (the launch argument ``M_BUCKET``), not on M itself: with
+    Every autotuned kernel keys its tuning on this bucket (the launch argument ``M_BUCKET``), not on M itself: with
     dynamic padding M changes almost every batch, and every new key benchmarks every config on the GPU.
     Powers of two bound the keys to about log2 of the largest M per shape; the config tuned for the first
     M of a bucket serves the others (results do not depend on the config beyond rounding order). ``m`` is
@@ -69,9 +82,21 @@ def token_bucket(m: int) -> int:
     return max(MIN_TOKEN_BUCKET, 1 << (m - 1).bit_length())
 
 
-def autotune_configs(gpu_configs: list[triton.Config], interpreter_config: triton.Config) -> list[triton.Config]:
-    """The GPU search space, or the single config the interpreter can run (autotuning fails there)."""
-    return [interpreter_config] if INTERPRET else gpu_configs
+def autotune(gpu_configs: list[triton.Config], interpreter_config: triton.Config, key: list[str]):
+    """``@triton.autotune`` over ``gpu_configs`` (the interpreter cannot autotune: ``interpreter_config`` alone
+    there), keyed on ``key`` plus every ``stride_*`` argument of the kernel.
+
+    Triton compiles one binary per specialisation of the strides (unit, divisible by 16), so two launches with
+    equal sizes but transposed operands (the forward GEMM and the dx GEMM of a square weight) run different
+    binaries; keyed on their strides, each is tuned for itself. The autotuner adds the tensors' dtypes, and
+    ``key`` must name every constexpr a launcher sets, so that each key selects exactly one binary per config."""
+
+    def decorate(fn):
+        strides = [name for name in fn.arg_names if name.startswith("stride_")]
+        configs = [interpreter_config] if INTERPRET else gpu_configs
+        return triton.autotune(configs=configs, key=[*key, *strides])(fn)
+
+    return decorate
 
 
 def device_guard(tensor: torch.Tensor):

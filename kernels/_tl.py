@@ -3,6 +3,10 @@
 import triton
 import triton.language as tl
 
+from ._runtime import MIN_RANK_BUCKET
+
+MIN_RANK = tl.constexpr(MIN_RANK_BUCKET)  # modules per tensor-core step of a low-rank slab
+
 
 @triton.jit
 def load_tile(ptr, offs_0, offs_1, stride_0, stride_1, mask_0, mask_1, UPCAST: tl.constexpr):
@@ -56,13 +60,16 @@ def add_low_rank_slab(
     """``acc + slab_scale · t[offs_m, :P] @ G_act[:, offs_n]``: the low-rank term as one extra K-slab.
 
     ``t`` is fp32 ``[M, P]``; module ``p < r`` of ``G`` (``R`` modules) is the vector at
-    ``g_ptr + idx[p] * stride_g_idx``.
+    ``g_ptr + idx[p] * stride_g_idx``. Added 16 modules at a time, so that the operands in registers stay
+    small whatever P (a whole ``[BLOCK_M, 64]`` t tile beside the accumulator made large tiles spill).
     """
-    offs_p = tl.arange(0, P)
-    rows, active = load_modules(idx_ptr, r, R, P)
-    t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
-    g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
-    return tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+    for p0 in tl.static_range(0, P, MIN_RANK):
+        offs_p = p0 + tl.arange(0, MIN_RANK)
+        rows, active = load_modules(idx_ptr + p0, r - p0, R, MIN_RANK)
+        t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
+        g = load_tile(g_ptr, rows, offs_n, stride_g_idx, stride_g_n, active, mask_n, UPCAST)
+        acc = tl.dot((t * slab_scale).to(g.dtype), g, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cost import record
 from .._runtime import ACTIVE_SET_ARGS, INTERPRET, device_guard, upcast_in_kernel
 from .._tl import load_modules, round_to
 
@@ -192,6 +193,8 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
 def dequantize(nf4, out: torch.Tensor) -> torch.Tensor:
     """Fill contiguous ``out`` (``nf4.numel`` values of ``nf4.dtype``) with the dequantised weight."""
     per_program = _blocks_per_program(nf4.blocksize)
+    stats = nf4.absmax.numel() * nf4.absmax.element_size()
+    record("dequantize_nf4", 0, nf4.packed.numel() + stats + out.numel() * out.element_size())
     with device_guard(out):
         _dequantize_kernel[(triton.cdiv(nf4.blocks, per_program),)](
             nf4.packed, nf4.absmax, *_nested_args(nf4), nf4.code, out,

@@ -11,12 +11,14 @@ Three kernels are the products that ``formulas.py`` writes the forward and the b
 
 Each has a plain-torch reference of the same signature in ``naive.py``.
 
-The active set enters only as a device tensor of indices plus its length ``r`` (never specialised,
+The active set enters only as a device tensor of int64 indices plus its length ``r`` (never specialised,
 never read on the host); shapes are padded to the rank bucket ``P`` (a constexpr power of two >= 16),
-so changing the active set within a bucket never recompiles. The GEMM and the reduction autotune on
-``M_BUCKET`` (``token_bucket(M)``, a power of two), never on the token count itself, so a new batch
-length reuses its bucket's tuned config instead of benchmarking every config again. Matrices are addressed through strides,
-so transposed or otherwise non-contiguous operands need no copy.
+so changing the active set within a bucket never recompiles. Every kernel autotunes on ``M_BUCKET``
+(``token_bucket(M)``, a power of two), never on the token count itself, and on its strides (``_runtime.autotune``),
+so a new batch length reuses its bucket's tuned config and a transposed operand is tuned for itself. Matrices are
+addressed through strides, so transposed or otherwise non-contiguous operands need no copy.
+
+Each launcher records the FLOPs and minimal HBM bytes of its launch (``_cost.record``) beside the launch.
 """
 
 from __future__ import annotations
@@ -25,7 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import ACTIVE_SET_ARGS, INTERPRET, TUNING_ARGS, autotune_configs, device_guard, token_bucket, upcast_in_kernel
+from .._cost import record
+from .._runtime import (
+    ACTIVE_SET_ARGS,
+    INTERPRET,
+    TOKEN_ARGS,
+    autotune,
+    device_guard,
+    multiprocessors,
+    token_bucket,
+    upcast_in_kernel,
+)
 from .._tl import add_low_rank_slab, grouped_tile, load_modules, load_tile, store_output_tile
 
 
@@ -39,20 +51,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]
-        ],
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}),
-    ),
-    key=["K", "P"],
+@autotune(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 256, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]
+    ],
+    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}),
+    key=["M_BUCKET", "K", "P"],
 )
-@triton.jit(do_not_specialize=ACTIVE_SET_ARGS)
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _shrink_kernel(
     x_ptr, g_ptr, idx_ptr, t_ptr,
-    M, K, r, R, scale,
+    M, K, r, R, scale, M_BUCKET,
     stride_xm, stride_xk, stride_g_idx, stride_g_k, stride_tm,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -77,10 +87,12 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
     m, k = x.shape
     t = torch.empty((m, bucket), device=x.device, dtype=torch.float32)
     stride_g_idx, stride_g_k = g.stride(g_rows_dim), g.stride(1 - g_rows_dim)
+    e = x.element_size()
+    record("shrink", 2 * m * k * bucket, (m * k + active.numel() * k) * e + m * bucket * 4)
     with device_guard(x):
         _shrink_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
             x, g, active, t,
-            m, k, active.numel(), g.shape[g_rows_dim], scale,
+            m, k, active.numel(), g.shape[g_rows_dim], scale, token_bucket(m),
             x.stride(0), x.stride(1), stride_g_idx, stride_g_k, t.stride(0),
             P=bucket, UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
         )  # fmt: skip
@@ -92,25 +104,20 @@ def shrink(x: torch.Tensor, g: torch.Tensor, g_rows_dim: int, active: torch.Tens
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [
-                (128, 256, 64, 8, 3),
-                (256, 128, 64, 8, 3),
-                (128, 128, 64, 8, 4),
-                (128, 128, 64, 4, 4),
-                (64, 256, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-                (64, 64, 64, 4, 4),
-            ]
-        ],
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
-    ),
-    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB"],
+@autotune(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}),
+    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB", "HAS_BIAS"],
 )
-@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TUNING_ARGS)
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _gemm_with_slab_kernel(
     x_ptr, w_ptr, t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
     M, N, K, r, R, slab_scale, M_BUCKET,
@@ -161,6 +168,12 @@ def gemm_with_slab(
     n = w.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     bucket = t.shape[1] if t is not None else 16
+    e, slab = x.element_size(), t is not None
+    record(
+        "gemm_with_slab",
+        2 * m * n * k + slab * 2 * m * n * bucket,
+        (m * k + n * k + m * n + (bias is not None) * n) * e + slab * (m * bucket * 4 + n * active.numel() * e),
+    )
     with device_guard(x):
         _gemm_with_slab_kernel[
             lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -181,17 +194,15 @@ def gemm_with_slab(
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        [
-            triton.Config({"BLOCK_ROWS": br, "BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for br, bm, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]
-        ],
-        triton.Config({"BLOCK_ROWS": 64, "BLOCK_M": 64}),
-    ),
-    key=["ROWS", "P", "M_BUCKET"],
+@autotune(
+    [
+        triton.Config({"BLOCK_ROWS": br, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for br, bm, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]
+    ],
+    triton.Config({"BLOCK_ROWS": 64, "BLOCK_M": 64}),
+    key=["M_BUCKET", "ROWS", "P"],
 )
-@triton.jit(do_not_specialize=TUNING_ARGS)
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _reduce_over_m_kernel(
     x_ptr, t_ptr, out_ptr,
     M, ROWS, M_PER_SPLIT, M_BUCKET,
@@ -218,9 +229,9 @@ def _reduce_over_m_kernel(
 
 def _num_splits(m: int, rows: int, device: torch.device) -> int:
     """Splits of M that fill the GPU (about two programs per SM); one in the interpreter."""
-    if INTERPRET or device.type != "cuda":
+    if INTERPRET:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessors(device)
     row_blocks = triton.cdiv(rows, 128)
     return max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(m, 256), 64))
 
@@ -234,6 +245,7 @@ def reduce_over_m(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     m_per_split = triton.cdiv(triton.cdiv(m, splits), 256) * 256
     splits = triton.cdiv(m, m_per_split)
     partial = torch.empty((splits, rows, bucket), device=x.device, dtype=torch.float32)
+    record("reduce_over_m", 2 * m * rows * bucket, m * rows * x.element_size() + m * bucket * 4 + partial.numel() * 4)
     with device_guard(x):
         _reduce_over_m_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_ROWS"]), splits)](
             x, t, partial,

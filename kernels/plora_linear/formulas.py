@@ -51,6 +51,13 @@ TRITON = Products(_triton.shrink, _triton.gemm_with_slab, _triton.reduce_over_m)
 TORCH = Products(naive.shrink_reference, naive.gemm_with_slab_reference, naive.reduce_over_m_reference)
 
 
+def modules_as_rows(lora_b: torch.Tensor) -> torch.Tensor:
+    """``lora_b [N, R]`` as ``[R, N]`` with every module ``b_j`` a contiguous row, so kernels read a tile of
+    active modules with vector loads along N (a copy unless ``lora_b`` is already stored that way)."""
+    rows = lora_b.T
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
 def lora_input(x: torch.Tensor, lora_a: torch.Tensor, active: torch.Tensor, products: Products | None = None):
     """``t = x A_actᵀ`` (``[M, ≥ r]``, see ``Products``), or fp32 ``[M, 0]`` when no module is active."""
     products = products or TRITON
@@ -68,7 +75,7 @@ def forward(x, weight, lora_a, lora_b, active, scale: float, bias, products: Pro
     products = products or TRITON
     t = lora_input(x, lora_a, active, products)
     gemm = gemm or products.gemm_with_slab
-    return gemm(x, weight, t if t.shape[1] else None, lora_b, 1, active, scale, bias), t
+    return gemm(x, weight, t if t.shape[1] else None, modules_as_rows(lora_b), 0, active, scale, bias), t
 
 
 def backward(
@@ -83,7 +90,9 @@ def backward(
     products = products or TRITON
     need_x, need_a, need_b = needs
     trainable = active.numel() if trainable is None else trainable
-    dt = products.shrink(dy, lora_b, 1, active, t.shape[1], scale) if active.numel() and (need_x or need_a) else None
+    dt = None
+    if active.numel() and (need_x or need_a):
+        dt = products.shrink(dy, modules_as_rows(lora_b), 0, active, t.shape[1], scale)
     grads = []
     if need_x:
         grads.append(products.gemm_with_slab(dy, weight_t(), dt, lora_a, 0, active, 1.0, None))

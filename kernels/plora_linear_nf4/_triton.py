@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import ACTIVE_SET_ARGS, TUNING_ARGS, autotune_configs, device_guard, token_bucket, upcast_in_kernel
+from .._cost import record
+from .._runtime import ACTIVE_SET_ARGS, TOKEN_ARGS, autotune, device_guard, token_bucket, upcast_in_kernel
 from .._tl import add_low_rank_slab, grouped_tile, round_to, store_output_tile
 from ..nf4._triton import block_absmax
 
@@ -27,24 +28,21 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 BLOCK_K = 64
 
 
-@triton.autotune(
-    configs=autotune_configs(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [
-                (16, 128, 4, 4),
-                (32, 128, 4, 4),
-                (64, 128, 4, 4),
-                (64, 64, 4, 4),
-                (128, 128, 8, 3),
-                (128, 256, 8, 3),
-            ]
-        ],
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4}),
-    ),
-    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB", "NESTED", "BLOCKSIZE"],
+@autotune(
+    [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (16, 128, 4, 4),
+            (32, 128, 4, 4),
+            (64, 128, 8, 4),
+            (64, 64, 4, 4),
+            (128, 128, 8, 3),
+        ]
+    ],
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4}),
+    key=["M_BUCKET", "N", "K", "P", "HAS_SLAB", "HAS_BIAS", "NESTED", "BLOCKSIZE", "BLOCKSIZE2", "W_DTYPE", "W_UPCAST"],
 )
-@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TUNING_ARGS)
+@triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _gemm_nf4_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
     t_ptr, g_ptr, idx_ptr, bias_ptr, y_ptr,
@@ -99,19 +97,28 @@ def supports(nf4) -> bool:
     return len(nf4.shape) == 2 and nf4.blocksize % BLOCK_K == 0 and nf4.shape[1] % nf4.blocksize == 0
 
 
-def gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale: float, bias):
-    """``x[M, K] @ deq(W)ᵀ + slab_scale · t @ G_actᵀ (+ bias)`` in x's dtype; ``G`` module ``j`` is ``g[:, j]``
-    (``lora_b [N, R]``); ``t=None`` skips the slab. Requires ``supports(nf4)``."""
+def gemm_nf4_with_slab(x, nf4, t, g, g_rows_dim: int, active, slab_scale: float, bias):
+    """``x[M, K] @ deq(W)ᵀ + slab_scale · t @ G_actᵀ (+ bias)`` in x's dtype; module ``j`` of ``g`` is
+    ``g.select(g_rows_dim, j)``, a vector of length N; ``t=None`` skips the slab. Requires ``supports(nf4)``."""
     m, k = x.shape
     n = nf4.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     absmax2, code2, offset = (nf4.absmax2, nf4.code2, nf4.offset) if nf4.nested else (nf4.absmax,) * 3
+    e, slab, bucket = x.element_size(), t is not None, t.shape[1] if t is not None else 0
+    record(
+        "gemm_nf4_with_slab",
+        2 * m * n * k + slab * 2 * m * n * bucket,
+        (m * k + m * n + (bias is not None) * n) * e
+        + nf4.packed.numel()
+        + nf4.absmax.numel() * nf4.absmax.element_size()
+        + slab * (m * bucket * 4 + n * active.numel() * e),
+    )
     with device_guard(x):
         _gemm_nf4_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
             x, nf4.packed, nf4.absmax, absmax2, code2, offset, nf4.code,
             t if t is not None else x, g, active, bias if bias is not None else x, y,
-            m, n, k, active.numel(), g.shape[1], slab_scale, token_bucket(m),
-            x.stride(0), x.stride(1), t.stride(0) if t is not None else 0, g.stride(1), g.stride(0),
+            m, n, k, active.numel(), g.shape[g_rows_dim], slab_scale, token_bucket(m),
+            x.stride(0), x.stride(1), t.stride(0) if t is not None else 0, g.stride(g_rows_dim), g.stride(1 - g_rows_dim),
             y.stride(0), y.stride(1),
             BLOCKSIZE=nf4.blocksize, NESTED=nf4.nested, BLOCKSIZE2=nf4.blocksize2, W_DTYPE=_TL_DTYPE[nf4.dtype],
             W_UPCAST=upcast_in_kernel(nf4.dtype),

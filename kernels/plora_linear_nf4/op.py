@@ -49,7 +49,7 @@ def _linear_nf4_forward(
     active = check_indices("active", active, lora_a.shape[0], x.device)  # see ``plora::linear``
     nf4 = _unflatten(nf4_tensors, nf4_sizes, nf4_dtype)
     if fused:
-        return formulas.forward(x, nf4, lora_a, lora_b, active, scale, bias, gemm=_gemm_nf4)
+        return formulas.forward(x, nf4, lora_a, lora_b, active, scale, bias, gemm=_triton.gemm_nf4_with_slab)
     return formulas.forward(x, _dense(nf4, x.dtype), lora_a, lora_b, active, scale, bias)
 
 
@@ -149,11 +149,6 @@ def _unflatten(tensors: list[torch.Tensor], sizes: list[int], dtype: torch.dtype
     packed, absmax, code, *nested = tensors
     n, k, blocksize, blocksize2 = sizes
     return NF4Weight(packed, absmax, torch.Size((n, k)), dtype, blocksize, code, *nested, blocksize2=blocksize2)
-
-
-def _gemm_nf4(x, nf4, t, g, g_rows_dim, active, slab_scale: float, bias) -> torch.Tensor:
-    """``formulas.Products.gemm_with_slab`` over an NF4 weight, dequantised in the kernel (``g_rows_dim`` is 1)."""
-    return _triton.gemm_nf4_with_slab(x, nf4, t, g, active, slab_scale, bias)
 
 
 def _dense(nf4, dtype: torch.dtype) -> torch.Tensor:

@@ -33,9 +33,11 @@ def build(kernel, types: dict, constants: dict, **options) -> None:
     )
 
 
-def compile_in_subprocess(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` (which may ``from aot_compile import build``) with the interpreter off."""
+def compile_in_subprocess(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` (which may ``from aot_compile import build`` or import ``bench``) with the interpreter off."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=timeout
+    )

@@ -21,7 +21,12 @@ from fed_plora.kernels._runtime import token_bucket
 launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
 nf4_launchers = importlib.import_module("fed_plora.kernels.plora_linear_nf4._triton")
 
-AUTOTUNED = [(launchers, "_gemm_with_slab_kernel"), (launchers, "_reduce_over_m_kernel"), (nf4_launchers, "_gemm_nf4_kernel")]
+AUTOTUNED = [
+    (launchers, "_shrink_kernel"),
+    (launchers, "_gemm_with_slab_kernel"),
+    (launchers, "_reduce_over_m_kernel"),
+    (nf4_launchers, "_gemm_nf4_kernel"),
+]
 
 
 def test_token_bucket_is_a_power_of_two_from_16():
@@ -66,9 +71,10 @@ def test_token_counts_of_one_bucket_share_one_tuning_run(bucket, counts, monkeyp
         with torch.no_grad():
             plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.5, dequant="fused")
 
-    # One key per product shape: the GEMM's forward (N from K) and dx (K from N), the reduction's dA (K rows)
-    # and dB (N rows), the NF4 GEMM's forward; each tuned once, for the first count, whatever came after.
-    shapes = {"_gemm_with_slab_kernel": 2, "_reduce_over_m_kernel": 2, "_gemm_nf4_kernel": 1}
+    # One key per product shape: the shrink's forward (over K) and backward (over N), the GEMM's forward (N from
+    # K) and dx (K from N), the reduction's dA (K rows) and dB (N rows), the NF4 GEMM's forward; each tuned
+    # once, for the first count, whatever came after.
+    shapes = {"_shrink_kernel": 2, "_gemm_with_slab_kernel": 2, "_reduce_over_m_kernel": 2, "_gemm_nf4_kernel": 1}
     for name, tuner in tuners.items():
         position = tuner.keys.index("M_BUCKET")
         assert {key[position] for key in tuner.cache} == {bucket}, name

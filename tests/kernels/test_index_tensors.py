@@ -269,8 +269,8 @@ def test_kernels_skip_out_of_range_indices(device, values, dtype):
     y = formulas.TRITON.gemm_with_slab(x, weight, t, lora_b, 1, bad, 0.5, None)
     assert torch.equal(y, formulas.TRITON.gemm_with_slab(x, weight, t, b_ref, 1, fixed, 0.5, None))
     nf4 = quantize_nf4(weight)
-    y = nf4_op._triton.gemm_nf4_with_slab(x, nf4, t, lora_b, bad, 0.5, None)
-    assert torch.equal(y, nf4_op._triton.gemm_nf4_with_slab(x, nf4, t, b_ref, fixed, 0.5, None))
+    y = nf4_op._triton.gemm_nf4_with_slab(x, nf4, t, lora_b, 1, bad, 0.5, None)
+    assert torch.equal(y, nf4_op._triton.gemm_nf4_with_slab(x, nf4, t, b_ref, 1, fixed, 0.5, None))
     # The folds.
     ours, expected = weight.clone(), weight.clone()
     fold_launch(ours, lora_a, lora_b, bad, 16, 1.0)

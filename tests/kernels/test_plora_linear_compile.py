@@ -23,7 +23,7 @@ for dtype, dot in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
     for i, config in enumerate(k._gemm_with_slab_kernel.configs[: None if every else 1]):
         for slab, bias in ((True, True),) + (((False, False),) if i == 0 else ()):
             build(k._gemm_with_slab_kernel,
-                  dict(x_ptr=act, w_ptr=act, t_ptr="*fp32", g_ptr=act, idx_ptr="*i32", bias_ptr=act, y_ptr=act, slab_scale="fp32"),
+                  dict(x_ptr=act, w_ptr=act, t_ptr="*fp32", g_ptr=act, idx_ptr="*i64", bias_ptr=act, y_ptr=act, slab_scale="fp32"),
                   dict(P=64, HAS_SLAB=slab, HAS_BIAS=bias, UPCAST=False, DOT_PRECISION=dot, **config.kwargs), **options(config))
     for config in k._reduce_over_m_kernel.configs[: None if every else 1]:
         build(k._reduce_over_m_kernel, dict(x_ptr=act, t_ptr="*fp32", out_ptr="*fp32"),

@@ -1,0 +1,305 @@
+"""Static profile of the kernels: compiled and modelled on a machine without a GPU, never timed.
+
+python -m bench.static_profile            # JSON into bench/results/static_profile.json, tables on stdout
+python -m bench.static_profile --quick    # sm_90 only, one active count (a smoke run)
+
+Three parts:
+
+* **variants**: the launches of each benchmark op (bf16, R = 64, M = 4096 and the shapes below, 16 and 64
+  active) are made on ``meta`` tensors through ``bench.offline_triton`` (Triton's own binder and autotuner, a
+  CUDA target, nothing runs); every binary they would compile (every config of every autotuner) is built for
+  sm_90 and sm_80 with that specialisation, and ``bench.sass`` reads its registers, spills, shared memory,
+  occupancy and the instruction mix of its K loop.
+* **roofline**: the HBM bytes and FLOPs of each op's launch plan (each launcher counts its own, see
+  ``fed_plora.kernels._cost``; torch launches in between are counted from their operands), bound per launch
+  by ``max(flops / peak, bytes / bandwidth)`` scaled by ``min(1, programs / SMs)`` (a launch with fewer
+  programs than SMs cannot use the whole GPU), summed, and divided by the bound of the bare cuBLAS product.
+* **training run**: the binaries and tuning keys a Llama-7B training run with dynamic padding would compile
+  (every projection shape, M over every token bucket from 16 to 8192 with and without a multiple of 16,
+  1 to 64 of 64 modules active).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench import sass
+from bench.offline_triton import AMPERE, HOPPER, Launch, OfflineGPU, compile_launch
+from fed_plora.kernels import _cost
+from fed_plora.kernels._checks import as_kernel_indices
+from fed_plora.kernels.nf4.layout import NF4_LEVELS, NF4Weight
+from fed_plora.kernels.plora_linear import _triton as fused
+from fed_plora.kernels.plora_linear import formulas
+from fed_plora.kernels.plora_linear_nf4 import _triton as nf4_gemm
+
+RESULT = Path(__file__).resolve().parent / "results" / "static_profile.json"
+RANK, SCALE, DTYPE = 64, 0.25, torch.bfloat16
+#: (M, K, N) of the benchmark launches; NF4 adds M = 16 (decoding).
+SHAPES = [(4096, 4096, 4096), (4096, 4096, 11008), (4096, 11008, 4096)]
+NF4_SHAPES = [(16, 4096, 4096), (4096, 4096, 4096)]
+COUNTS = (16, 64)
+TARGETS = {"sm_90": (HOPPER, sass.HOPPER), "sm_80": (AMPERE, sass.AMPERE)}
+#: Llama-7B projections (K, N): q/k/v/o, gate/up, down.
+LLAMA_7B = [(4096, 4096), (4096, 11008), (11008, 4096)]
+
+TUNERS = [fused._shrink_kernel, fused._gemm_with_slab_kernel, fused._reduce_over_m_kernel, nf4_gemm._gemm_nf4_kernel]
+
+
+# ------------------------------------------------------------------------------------------ launches
+
+
+def _meta(*shape, dtype=DTYPE):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def _nf4_meta(n: int, k: int) -> NF4Weight:
+    blocks = n * k // 64
+    return NF4Weight(
+        packed=_meta(n * k // 2, 1, dtype=torch.uint8), absmax=_meta(blocks, dtype=torch.uint8), shape=torch.Size((n, k)),
+        dtype=DTYPE, blocksize=64, code=torch.tensor(NF4_LEVELS, device="meta"), offset=_meta((), dtype=torch.float32),
+        absmax2=_meta(-(-blocks // 256), dtype=torch.float32), code2=_meta(256, dtype=torch.float32),
+    )  # fmt: skip
+
+
+def _active(count: int, index_dtype: torch.dtype) -> torch.Tensor:
+    """An index tensor as the op hands it to the formulas (normalised as ``check_indices`` does)."""
+    return as_kernel_indices(_meta(count, dtype=index_dtype))
+
+
+def forward(m, k, n, count, index_dtype=torch.int64):
+    x, w = _meta(m, k), _meta(n, k)
+    return formulas.forward(x, w, _meta(RANK, k), _meta(n, RANK), _active(count, index_dtype), SCALE, None)
+
+
+def backward(m, k, n, count, index_dtype=torch.int64):
+    x, w = _meta(m, k), _meta(n, k)
+    t = _meta(m, triton.next_power_of_2(max(16, count)), dtype=torch.float32)
+    active = _active(count, index_dtype)
+    return formulas.backward(_meta(m, n), x, t, lambda: w.T, _meta(RANK, k), _meta(n, RANK), active, SCALE, [True] * 3)
+
+
+def nf4_forward(m, k, n, count):
+    x, a, b, active = _meta(m, k), _meta(RANK, k), _meta(n, RANK), _meta(count, dtype=torch.int64)
+    return formulas.forward(x, _nf4_meta(n, k), a, b, active, SCALE, None, gemm=nf4_gemm.gemm_nf4_with_slab)
+
+
+def cublas(m, k, n):
+    """The bare product the op is compared with (``x Wᵀ`` or ``dy W``): one launch, each operand moved once."""
+    return [_cost.Cost("cublas", 2 * m * n * k, (m * k + n * k + m * n) * DTYPE.itemsize)]
+
+
+OPS = {"forward": forward, "backward": backward}
+
+
+# ------------------------------------------------------------------------------------------ variants
+
+
+def describe(launch: Launch, target: str) -> dict:
+    """Registers, spills, shared memory, occupancy and K-loop mix of ``launch``'s binary for ``target``."""
+    gpu_target, sm = TARGETS[target]
+    compiled = compile_launch(launch, gpu_target)
+    meta = compiled.metadata
+    report = sass.ptxas_report(compiled.asm["ptx"], gpu_target.arch, meta.enable_fp_fusion)
+    blocks = {k: v for k, v in launch.args.items() if k.startswith(("BLOCK_", "GROUP_"))}
+    return {
+        "kernel": launch.kernel,
+        "target": target,
+        "config": {**blocks, "num_warps": meta.num_warps, "num_stages": meta.num_stages},
+        "P": launch.args.get("P"),
+        **report,
+        "shared": meta.shared,
+        **sass.occupancy(report["registers"], meta.shared, meta.num_warps, sm),
+        "k_loop": sass.main_loop(compiled.asm["cubin"]),
+    }
+
+
+def benchmark_variants(counts=COUNTS) -> dict[str, Launch]:
+    """Every binary the benchmark launches compile (all configs of every autotuner), by compile key."""
+    with OfflineGPU().watch(*TUNERS) as gpu:
+        for m, k, n in SHAPES:
+            for count in counts:
+                forward(m, k, n, count)
+                backward(m, k, n, count)
+        for m, k, n in NF4_SHAPES:
+            for count in counts:
+                nf4_forward(m, k, n, count)
+    return gpu.variants()
+
+
+def profile_variants(targets=tuple(TARGETS), counts=COUNTS) -> list[dict]:
+    rows = []
+    for launch in benchmark_variants(counts).values():
+        for target in targets:
+            row = describe(launch, target)
+            row["layout"] = _layout(launch)
+            rows.append(row)
+    return rows
+
+
+def _layout(launch: Launch) -> str:
+    """Which unit strides the binary is specialised on (they distinguish e.g. the forward and the dx GEMM)."""
+    return ",".join(name for name, value in launch.args.items() if name.startswith("stride") and value == 1)
+
+
+# ------------------------------------------------------------------------------------------ roofline
+
+
+class _TorchLaunches(TorchDispatchMode):
+    """Counts every torch kernel run in the block into ``_cost`` (bytes of its tensor operands and results)."""
+
+    FREE = ("empty", "new_empty", "empty_like", "empty_strided", "detach", "alias", "lift_fresh")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        if not view and not name.startswith(self.FREE):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            results = out if isinstance(out, (tuple, list)) else [out]
+            written = sum(r.numel() * r.element_size() for r in results if isinstance(r, torch.Tensor))
+            read = 0 if name.endswith(("zero_", "fill_", "zeros_like")) else sum(t.numel() * t.element_size() for t in tensors)
+            _cost.record(f"torch.{name}", 0, read + written)
+        return out
+
+
+def plan(op, *shape) -> list[_cost.Cost]:
+    """The launches of ``op(*shape)`` with their costs, in order."""
+    with OfflineGPU().watch(*TUNERS), _cost.counting() as launches, _TorchLaunches():
+        op(*shape)
+    return launches
+
+
+def bound_us(launches: list[_cost.Cost], sm: sass.SM, programs: dict[str, int] | None = None) -> float:
+    """Sum over launches of ``max(flops / peak, bytes / bandwidth)`` (µs), each scaled up when it has fewer
+    programs than the GPU has SMs."""
+    total = 0.0
+    for launch in launches:
+        seconds = max(launch.flops / sm.dense_bf16_flops, launch.bytes / sm.hbm_bytes_per_s)
+        share = min(1.0, (programs or {}).get(launch.name, sm.sms) / sm.sms)
+        total += seconds / share
+    return total * 1e6
+
+
+def grids(op, *shape) -> dict[str, int]:
+    """Most programs of each Triton launch of ``op(*shape)`` over the configs the autotuner benchmarks."""
+    with OfflineGPU().watch(*TUNERS) as gpu:
+        op(*shape)
+    most: dict[str, int] = {}
+    for launch in gpu.launches:
+        name = launch.kernel.strip("_").removesuffix("_kernel")
+        most[name] = max(most.get(name, 0), int(torch.tensor(launch.grid).prod()))
+    return most
+
+
+def roofline(sm: sass.SM = sass.HOPPER, counts=COUNTS) -> list[dict]:
+    rows = []
+    for op_name, op in OPS.items():
+        for m, k, n in SHAPES:
+            for count in counts:
+                launches = plan(op, m, k, n, count)
+                reference = cublas(m, k, n) if op_name == "forward" else cublas(m, n, k)
+                ours, base = bound_us(launches, sm, grids(op, m, k, n, count)), bound_us(reference, sm)
+                rows.append({
+                    "op": op_name, "M": m, "K": k, "N": n, "active": count,
+                    "launches": [{"name": c.name, "GFLOP": c.flops / 1e9, "MB": c.bytes / 1e6} for c in launches],
+                    "bound_us": ours, "cublas_bound_us": base, "bound_ratio": ours / base,
+                })  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ training run
+
+
+def training_run() -> dict:
+    """Binaries and tuning keys a Llama-7B run with dynamic padding compiles (see the module docstring), with
+    int64 and int32 index tensors; and the tuning keys under which more binaries ran than the kernel has configs
+    (a key that misses something that selects a binary: one config is tuned, another binary reuses it untuned)."""
+    token_counts = sorted({m for b in (2**i for i in range(4, 14)) for m in (b, b - 1)})
+    tuners = TUNERS[:3]
+    with OfflineGPU().watch(*tuners) as gpu:
+        for k, n in LLAMA_7B:
+            for m in token_counts:
+                for count in (1, 16, 17, 32, 33, 64):
+                    for index_dtype in (torch.int64, torch.int32):
+                        forward(m, k, n, count, index_dtype)
+                        backward(m, k, n, count, index_dtype)
+        keys = {tuner.base_fn.__name__: len(gpu.tuning_keys(tuner)) for tuner in tuners}
+    variants = gpu.variants()
+    per_kernel: dict[str, int] = {}
+    for launch in variants.values():
+        per_kernel[launch.kernel] = per_kernel.get(launch.kernel, 0) + 1
+    incomplete = {
+        tuner.base_fn.__name__: sum(len(b) > len(tuner.configs) for b in gpu.binaries_per_tuning_key(tuner).values())
+        for tuner in tuners
+    }
+    return {
+        "token_counts": token_counts,
+        "active_counts": [1, 16, 17, 32, 33, 64],
+        "index_dtypes": ["int64", "int32"],
+        "compiled_variants": len(variants),
+        "variants_per_kernel": per_kernel,
+        "tuning_keys": sum(keys.values()),
+        "tuning_keys_per_kernel": keys,
+        "keys_with_several_binaries_per_config": incomplete,
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def _print_tables(result: dict) -> None:
+    print("variants (compiled, not timed):")
+    print(f"{'kernel':24} {'target':6} {'P':>3} {'config':34} {'layout':28} {'regs':>4} {'spill':>5} {'smem':>7} "
+          f"{'warps/SM':>8} {'loop':>5} {'wgmma':>5} {'mma':>4}")  # fmt: skip
+    for row in result["variants"]:
+        c = row["config"]
+        config = f"{c.get('BLOCK_M', c.get('BLOCK_ROWS'))}/{c.get('BLOCK_N', c.get('BLOCK_K'))}/{c.get('BLOCK_K', '')} " \
+                 f"w{c['num_warps']} s{c['num_stages']}"  # fmt: skip
+        loop = row["k_loop"] or {}
+        print(f"{row['kernel']:24} {row['target']:6} {row['P'] or '':>3} {config:34} {row['layout']:28} {row['registers']:>4} "
+              f"{row['spill_stores']:>5} {row['shared']:>7} {row['warps_per_sm'] if row['fits'] else 'n/a':>8} "
+              f"{loop.get('instructions', ''):>5} {loop.get('wgmma', ''):>5} {loop.get('mma_sync', ''):>4}")  # fmt: skip
+    print("\nroofline (modelled, H100 SXM):")
+    for row in result["roofline"]:
+        print(f"{row['op']:9} M={row['M']} K={row['K']} N={row['N']} active={row['active']}: "
+              f"{row['bound_us']:.1f} us vs cuBLAS {row['cublas_bound_us']:.1f} us = {row['bound_ratio']:.3f}x")  # fmt: skip
+    run = result["training_run"]
+    print(f"\nLlama-7B training run: {run['compiled_variants']} compiled variants, {run['tuning_keys']} tuning keys, "
+          f"incomplete keys {run['keys_with_several_binaries_per_config']}")  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sm_90 only, 16 active")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args(argv)
+    started = time.time()
+    targets, counts = (("sm_90",), (16,)) if args.quick else (tuple(TARGETS), COUNTS)
+    result = {
+        "what": "compiled and modelled, not timed: no GPU ran anything",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
+        "dtype": str(DTYPE), "rank": RANK,
+        "hardware": {name: vars(sm) for name, (_, sm) in TARGETS.items()},
+        "variants": profile_variants(targets, counts),
+        "roofline": roofline(counts=counts),
+        "training_run": training_run(),
+    }  # fmt: skip
+    result["seconds"] = time.time() - started
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    _print_tables(result)
+    print(f"\nwrote {args.out} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
