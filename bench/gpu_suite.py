@@ -424,8 +424,10 @@ def unsloth_agreement(bpl, inp) -> float:
 def compiled_kernels() -> int | None:
     """Compiled variants held by the fused op's Triton kernels (None in the interpreter, which compiles none)."""
     launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
+    fused = importlib.import_module("fed_plora.kernels.plora_linear._gemm_lowrank")
     total = 0
-    for kernel in (launchers._shrink_kernel, launchers._gemm_with_slab_kernel, launchers._reduce_over_m_kernel):
+    kernels = (launchers._shrink_kernel, launchers._gemm_with_slab_kernel, launchers._reduce_over_m_kernel)
+    for kernel in (*kernels, fused._gemm_lowrank_kernel):
         caches = getattr(kernel.fn, "device_caches", None)
         if caches is None:
             return None

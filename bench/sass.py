@@ -2,8 +2,8 @@
 
 * ``ptxas_report``: registers per thread and spill bytes, from ``ptxas -v`` run on the kernel's PTX with the
   ptxas and options Triton itself uses (the compile cache may skip ptxas, so it is run again here);
-* ``main_loop``: the SASS instruction mix of the innermost loop that issues the most tensor-core
-  instructions (the K loop of a GEMM): one trip of it is one K-step, since Triton does not unroll it;
+* ``tensor_loops``: the SASS instruction mix of every innermost loop that issues tensor-core instructions
+  (the K loop of a GEMM): one trip of it is one K-step, since Triton does not unroll it;
 * ``occupancy``: resident blocks and warps per SM from registers, shared memory and warps.
 
 The tools are the ones Triton bundles (``ptxas``, ``nvdisasm``); no driver is needed.
@@ -103,34 +103,32 @@ def _instructions(cubin: bytes) -> tuple[list[tuple[str, str]], dict[str, int]]:
     return code, labels
 
 
-def main_loop(cubin: bytes) -> dict | None:
-    """Mix of the innermost backward-branch loop with the most tensor-core instructions (None: no such loop).
+def tensor_loops(cubin: bytes) -> list[dict]:
+    """Mix of every innermost backward-branch loop that issues tensor-core instructions, in code order (a GEMM's
+    K loop; a kernel with several loop bodies, e.g. one that also accumulates a low-rank input, has several).
 
-    ``instructions`` counts every SASS instruction of one trip (``NOP`` excluded), per warp; the classes
-    count opcodes by their stem (``LDG`` includes ``LDG.E.128``); ``vector_bits`` is the widest global load."""
+    ``instructions`` counts every SASS instruction of one trip (``NOP`` excluded), per warp: one trip is one
+    K-step, as Triton does not unroll these loops. The classes count opcodes by their stem (``LDG`` includes
+    ``LDG.E.128``); ``vector_bits`` is the widest global load of the trip."""
     code, labels = _instructions(cubin)
     loops = []
     for i, (op, rest) in enumerate(code):
         target = _TARGET.search(rest)
         if op.startswith("BRA") and target and labels.get(target.group(1), i + 1) <= i:
             loops.append((labels[target.group(1)], i))
-    best = None
-    for start, end in loops:
+    mixes = []
+    for start, end in sorted(loops):
         body = [op for op, _ in code[start : end + 1] if op != "NOP"]
-        tensor = sum(op.startswith(("HGMMA", "HMMA")) for op in body)
         inner = not any(start < s and e < end for s, e in loops)
-        if tensor and inner and (best is None or tensor > best[0]):
-            best = (tensor, body)
-    if best is None:
-        return None
-    body = best[1]
-    mix = Counter()
-    for op in body:
-        for name, stems in _CLASSES.items():
-            if op.split(".")[0] in stems:
-                mix[name] += 1
-    widths = [int(w) for op in body if op.startswith("LDG") for w in re.findall(r"\.(\d+)", op)]
-    return {"instructions": len(body), **{name: mix[name] for name in _CLASSES}, "vector_bits": max(widths, default=0)}
+        if inner and any(op.startswith(("HGMMA", "HMMA")) for op in body):
+            mix = Counter()
+            for op in body:
+                for name, stems in _CLASSES.items():
+                    if op.split(".")[0] in stems:
+                        mix[name] += 1
+            widths = [int(w) for op in body if op.startswith("LDG") for w in re.findall(r"\.(\d+)", op)]
+            mixes.append({"instructions": len(body), **{n: mix[n] for n in _CLASSES}, "vector_bits": max(widths, default=0)})
+    return mixes
 
 
 def occupancy(registers: int, shared: int, warps: int, sm: SM) -> dict:

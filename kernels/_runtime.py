@@ -41,11 +41,16 @@ MIN_TOKEN_BUCKET = 16
 META_MULTIPROCESSORS = 132
 
 
+#: Streaming multiprocessors the interpreter stands for: a few, so that the tests cover persistent programs that
+#: start inside a row block (it runs programs one by one, so more would only be slower).
+INTERPRETER_MULTIPROCESSORS = 3
+
+
 def multiprocessors(device: torch.device) -> int:
-    """SMs of ``device``'s GPU; ``META_MULTIPROCESSORS`` for ``meta``; 1 elsewhere (the interpreter runs programs one by one)."""
+    """SMs of ``device``'s GPU; ``META_MULTIPROCESSORS`` for ``meta``, ``INTERPRETER_MULTIPROCESSORS`` for CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return META_MULTIPROCESSORS if device.type == "meta" else 1
+    return META_MULTIPROCESSORS if device.type == "meta" else INTERPRETER_MULTIPROCESSORS
 
 
 def upcast_in_kernel(dtype: torch.dtype) -> bool:

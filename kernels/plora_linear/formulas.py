@@ -1,4 +1,4 @@
-"""The fused op's forward and backward formulas (DESIGN.md §3), written once over three products.
+"""The fused op's forward and backward formulas, written once over four products.
 
 With ``s`` the scale, ``A_act`` the active rows of ``lora_a`` and ``B_act`` the active columns of ``lora_b``::
 
@@ -12,15 +12,20 @@ With ``s`` the scale, ``A_act`` the active rows of ``lora_a`` and ``B_act`` the 
 ``forward`` and ``backward`` below are these formulas; everything that computes the op calls them: the
 fused op (``op.py``) and the NF4 op (``plora_linear_nf4``) with the Triton kernels (``TRITON``), the
 benchmarks' Unsloth-style path and the tests' float64 check of the formulas with cuBLAS (``TORCH``).
-A ``Products`` holds the three products the formulas need (module ``j`` of ``g`` is
-``g.select(g_rows_dim, j)``: a row of ``lora_a`` for ``g_rows_dim = 0``, a column of ``lora_b`` for 1):
+The forward reads x once (``gemm_lowrank`` computes y and t in one pass), the backward reads dy once
+(``gemm_lowrank`` again: dx, dt and the partial sums of dB) and x once (dA). A ``Products`` holds the four
+products the formulas need (module ``j`` of ``g`` is ``g.select(g_rows_dim, j)``; the formulas pass ``lora_b``
+as rows, ``modules_as_rows``, so that every module is read along its contiguous length):
 
 * ``shrink(x [M, L], g, g_rows_dim, active, bucket, scale)``: ``scale · x G_actᵀ``, ``[M, ≥ r]``;
 * ``gemm_with_slab(x [M, L], w [N, L], t, g, g_rows_dim, active, slab_scale, bias)``:
   ``x wᵀ + slab_scale · t G_act (+ bias)``, ``[M, N]`` in x's dtype; ``t=None`` skips the slab;
-* ``reduce_over_m(x [M, ROWS], t [M, P])``: ``xᵀ t``, ``[ROWS, P]``.
+* ``reduce_over_m(x [M, ROWS], t [M, P])``: ``xᵀ t``, ``[ROWS, P]``;
+* ``gemm_lowrank(x [M, L], w [N, L], h, h_rows_dim, g, g_rows_dim, active, bucket, u_scale, slab_scale, bias, t)``:
+  ``(y, u, partials)`` with ``u = u_scale · x H_actᵀ``, ``y = x wᵀ + slab_scale · u G_act (+ bias)`` and, given
+  ``t``, partial sums of ``xᵀ t`` over blocks of rows (``[blocks, L, ≥ r]``; None without ``t``).
 
-``TRITON``'s ``t`` and reductions are fp32, ``t`` padded with zero columns to the rank bucket;
+``TRITON``'s ``t``, ``u`` and reductions are fp32, padded with zero columns to the rank bucket;
 ``TORCH``'s are in the inputs' dtype with ``r`` columns (``naive.py``). The plain-torch path of
 ``plora_linear`` (CPU tensors without the interpreter) is ``plora_linear_reference`` differentiated by
 autograd, and is not built from these products.
@@ -34,21 +39,24 @@ from typing import NamedTuple
 import torch
 
 from .._runtime import rank_bucket
-from . import _triton, naive
+from . import _gemm_lowrank, _triton, naive
 
 
 class Products(NamedTuple):
-    """The three products of the formulas (signatures in the module docstring)."""
+    """The four products of the formulas (signatures in the module docstring)."""
 
     shrink: Callable[..., torch.Tensor]
     gemm_with_slab: Callable[..., torch.Tensor]
     reduce_over_m: Callable[..., torch.Tensor]
+    gemm_lowrank: Callable[..., tuple]
 
 
-#: The Triton kernels (``_triton.py``): what the fused ops run.
-TRITON = Products(_triton.shrink, _triton.gemm_with_slab, _triton.reduce_over_m)
+#: The Triton kernels (``_triton.py``, ``_gemm_lowrank.py``): what the fused ops run.
+TRITON = Products(_triton.shrink, _triton.gemm_with_slab, _triton.reduce_over_m, _gemm_lowrank.gemm_lowrank)
 #: cuBLAS matmuls, the slab added in place by ``addmm_`` (``naive.py``): the formulas' plain-torch form.
-TORCH = Products(naive.shrink_reference, naive.gemm_with_slab_reference, naive.reduce_over_m_reference)
+TORCH = Products(
+    naive.shrink_reference, naive.gemm_with_slab_reference, naive.reduce_over_m_reference, naive.gemm_lowrank_reference
+)
 
 
 def modules_as_rows(lora_b: torch.Tensor) -> torch.Tensor:
@@ -70,12 +78,19 @@ def lora_input(x: torch.Tensor, lora_a: torch.Tensor, active: torch.Tensor, prod
 def forward(x, weight, lora_a, lora_b, active, scale: float, bias, products: Products | None = None, gemm=None):
     """``(y, t)`` on 2-D ``x [M, K]``: ``t = x A_actᵀ``, ``y = x Wᵀ + s · t B_actᵀ (+ bias)``.
 
-    ``gemm`` (default ``products.gemm_with_slab``) computes ``x Wᵀ`` plus the slab; the NF4 op passes its
-    in-kernel-dequantising GEMM there, with its NF4 weight as ``weight``."""
+    By default one pass over x computes both (``gemm_lowrank``). ``gemm`` (the signature of
+    ``products.gemm_with_slab``) instead computes ``x Wᵀ`` plus the slab after a separate shrink for t; the
+    NF4 op passes its in-kernel-dequantising GEMM there, with its NF4 weight as ``weight``."""
     products = products or TRITON
+    count = active.numel()
+    if gemm is None and count:
+        y, t, _ = products.gemm_lowrank(
+            x, weight, lora_a, 0, modules_as_rows(lora_b), 0, active, rank_bucket(count), 1.0, scale, bias
+        )
+        return y, t
     t = lora_input(x, lora_a, active, products)
     gemm = gemm or products.gemm_with_slab
-    return gemm(x, weight, t if t.shape[1] else None, modules_as_rows(lora_b), 0, active, scale, bias), t
+    return gemm(x, weight, t if count else None, modules_as_rows(lora_b), 0, active, scale, bias), t
 
 
 def backward(
@@ -86,16 +101,24 @@ def backward(
 
     ``dy [M, N]``; ``x`` and ``t`` as ``forward`` saved them; ``weight_t()`` gives ``W0ᵀ [K, N]`` (called
     only for ``dx``). ``dA [R, K]`` and ``dB [N, R]`` are zero outside the first ``trainable`` modules of
-    ``active`` (default: all of them)."""
+    ``active`` (default: all of them). With dx asked for, one pass over dy gives dx, dt and dB's partial
+    sums (``gemm_lowrank``); dA is one pass over x."""
     products = products or TRITON
     need_x, need_a, need_b = needs
-    trainable = active.numel() if trainable is None else trainable
-    dt = None
-    if active.numel() and (need_x or need_a):
+    count = active.numel()
+    trainable = count if trainable is None else trainable
+    grads, dt, db_act = [], None, None
+    if need_x and count:
+        with_db = t if need_b and trainable else None
+        dx, dt, partials = products.gemm_lowrank(
+            dy, weight_t(), modules_as_rows(lora_b), 0, lora_a, 0, active, t.shape[1], scale, 1.0, None, with_db
+        )
+        db_act = None if partials is None else partials.sum(0)  # already scaled by s
+        grads.append(dx)
+    elif need_x:
+        grads.append(products.gemm_with_slab(dy, weight_t(), None, lora_a, 0, active, 1.0, None))
+    elif need_a and count:
         dt = products.shrink(dy, modules_as_rows(lora_b), 0, active, t.shape[1], scale)
-    grads = []
-    if need_x:
-        grads.append(products.gemm_with_slab(dy, weight_t(), dt, lora_a, 0, active, 1.0, None))
     if need_a:
         da = torch.zeros_like(lora_a)
         if trainable:
@@ -104,6 +127,7 @@ def backward(
     if need_b:
         db = torch.zeros_like(lora_b)
         if trainable:
-            db.index_copy_(1, active[:trainable].long(), (products.reduce_over_m(dy, t)[:, :trainable] * scale).to(db.dtype))
+            db_act = products.reduce_over_m(dy, t) * scale if db_act is None else db_act
+            db.index_copy_(1, active[:trainable].long(), db_act[:, :trainable].to(db.dtype))
         grads.append(db)
     return grads

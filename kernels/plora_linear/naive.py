@@ -55,3 +55,11 @@ def gemm_with_slab_reference(x, w, t, g, g_rows_dim: int, active, slab_scale: fl
 def reduce_over_m_reference(x, t) -> torch.Tensor:
     """``x[M, ROWS]ᵀ t[M, P]``, ``[ROWS, P]`` in x's dtype."""
     return x.T @ t.to(x.dtype)
+
+
+def gemm_lowrank_reference(x, w, h, h_rows_dim: int, g, g_rows_dim: int, active, bucket: int, u_scale, slab_scale, bias, t=None):
+    """``(y, u, partials)``: ``u = u_scale · x H_actᵀ`` (``[M, r]``), ``y = x wᵀ + slab_scale · u G_act (+ bias)`` and,
+    given ``t``, ``u_scale · xᵀ t`` as one block ``[1, L, r]``; in x's dtype (``bucket`` unused)."""
+    u = shrink_reference(x, h, h_rows_dim, active, bucket, u_scale)
+    y = gemm_with_slab_reference(x, w, u, g, g_rows_dim, active, slab_scale, bias)
+    return y, u, None if t is None else (reduce_over_m_reference(x, t) * u_scale)[None]

@@ -19,12 +19,14 @@ from fed_plora.kernels import plora_linear, plora_linear_nf4, quantize_nf4
 from fed_plora.kernels._runtime import token_bucket
 
 launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
+fused_launchers = importlib.import_module("fed_plora.kernels.plora_linear._gemm_lowrank")
 nf4_launchers = importlib.import_module("fed_plora.kernels.plora_linear_nf4._triton")
 
 AUTOTUNED = [
     (launchers, "_shrink_kernel"),
     (launchers, "_gemm_with_slab_kernel"),
     (launchers, "_reduce_over_m_kernel"),
+    (fused_launchers, "_gemm_lowrank_kernel"),
     (nf4_launchers, "_gemm_nf4_kernel"),
 ]
 
@@ -64,17 +66,21 @@ def test_token_counts_of_one_bucket_share_one_tuning_run(bucket, counts, monkeyp
     lora_a = (torch.randn(rank, k, generator=gen) * k**-0.5).to(device).requires_grad_()
     lora_b = torch.randn(n, rank, generator=gen).to(device).requires_grad_()
     nf4 = quantize_nf4(weight, 64)
-    active = torch.tensor([5, 0, 3], device=device)
+    active, none = torch.tensor([5, 0, 3], device=device), torch.tensor([], device=device, dtype=torch.long)
     for m in counts:
         x = torch.randn(m, k, generator=gen).to(device).requires_grad_()
         plora_linear(x, weight, lora_a, lora_b, active, 0.5).sum().backward()
+        plora_linear(x, weight, lora_a, lora_b, none, 0.5).sum().backward()
         with torch.no_grad():
             plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.5, dequant="fused")
 
-    # One key per product shape: the shrink's forward (over K) and backward (over N), the GEMM's forward (N from
-    # K) and dx (K from N), the reduction's dA (K rows) and dB (N rows), the NF4 GEMM's forward; each tuned
-    # once, for the first count, whatever came after.
-    shapes = {"_shrink_kernel": 2, "_gemm_with_slab_kernel": 2, "_reduce_over_m_kernel": 2, "_gemm_nf4_kernel": 1}
+    # One key per product shape: the fused GEMM's forward (over K) and dx (over N), the reduction's dA, the plain
+    # GEMM's forward and dx with no module active, the NF4 op's shrink and GEMM; each tuned once, for the first
+    # count, whatever came after.
+    shapes = {
+        "_shrink_kernel": 1, "_gemm_with_slab_kernel": 2, "_reduce_over_m_kernel": 1, "_gemm_lowrank_kernel": 2,
+        "_gemm_nf4_kernel": 1,
+    }  # fmt: skip
     for name, tuner in tuners.items():
         position = tuner.keys.index("M_BUCKET")
         assert {key[position] for key in tuner.cache} == {bucket}, name

@@ -14,6 +14,14 @@ from helpers import LaunchRecorder
 from fed_plora.kernels import plora_linear, plora_linear_reference
 
 triton_launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
+fused_launchers = importlib.import_module("fed_plora.kernels.plora_linear._gemm_lowrank")
+#: (module, kernel) of every Triton kernel the op launches.
+KERNELS = [
+    (triton_launchers, "_shrink_kernel"),
+    (triton_launchers, "_gemm_with_slab_kernel"),
+    (triton_launchers, "_reduce_over_m_kernel"),
+    (fused_launchers, "_gemm_lowrank_kernel"),
+]
 
 
 def operands(device, dtype=torch.float32, m=6, k=12, n=10, rank=4):
@@ -100,10 +108,8 @@ def test_in_place_change_of_index_tensor_is_revalidated(device):
 
 def test_changing_active_set_within_a_bucket_compiles_nothing_new(monkeypatch, device):
     log: list = []
-    for name in ("_shrink_kernel", "_gemm_with_slab_kernel", "_reduce_over_m_kernel"):
-        monkeypatch.setattr(
-            triton_launchers, name, LaunchRecorder(getattr(triton_launchers, name), log, triton_launchers.ACTIVE_SET_ARGS)
-        )
+    for module, name in KERNELS:
+        monkeypatch.setattr(module, name, LaunchRecorder(getattr(module, name), log, triton_launchers.ACTIVE_SET_ARGS))
     gen = torch.Generator().manual_seed(1)
     rank = 40
     ops = operands(device, m=20, k=24, n=18, rank=rank)
@@ -117,7 +123,7 @@ def test_changing_active_set_within_a_bucket_compiles_nothing_new(monkeypatch, d
                 active = torch.randperm(rank, generator=gen)[10 : 10 + count].to(device)  # unaligned pointer
             log.clear()
             plora_linear(ops["x"], ops["weight"], lora_a, lora_b, active, 0.5).sum().backward()
-            assert {kernel for kernel, _ in log} == {"_shrink_kernel", "_gemm_with_slab_kernel", "_reduce_over_m_kernel"}
+            assert {kernel for kernel, _ in log} == {"_gemm_lowrank_kernel", "_shrink_kernel", "_reduce_over_m_kernel"}
             bucket = 16 if count <= 16 else 32 if count <= 32 else 64
             keys_by_bucket.setdefault(bucket, set()).add(tuple(log))
     assert {bucket: len(keys) for bucket, keys in keys_by_bucket.items()} == {16: 1, 32: 1, 64: 1}
@@ -174,7 +180,7 @@ def test_no_host_sync_and_no_recompile_on_gpu():
     sets = [torch.randperm(64, device="cuda")[:c] for c in (3, 9, 16, 5)]
     for active in sets:  # first use validates each index tensor (one small read) and compiles bucket 16
         plora_linear(x, w, a, b, active, 1.0).float().sum().backward()
-    kernels = [triton_launchers._shrink_kernel, triton_launchers._gemm_with_slab_kernel]
+    kernels = [getattr(module, name) for module, name in KERNELS if name != "_gemm_with_slab_kernel"]  # no empty set here
     cached = [_compiled_count(k) for k in kernels]
     assert all(count > 0 for count in cached)
     torch.cuda.synchronize()

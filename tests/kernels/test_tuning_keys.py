@@ -23,5 +23,5 @@ def test_keys_are_complete_and_a_7b_run_compiles_at_most_100_variants():
     run = json.loads(result.stdout.splitlines()[-1])
     assert not any(run["keys_with_several_binaries_per_config"].values()), run
     assert run["compiled_variants"] <= 100, run
-    # The shrink keys on the token bucket too: 10 buckets x 3 rank buckets x 2 reduction lengths (4096, 11008).
-    assert run["tuning_keys_per_kernel"]["_shrink_kernel"] == 10 * 3 * 2, run
+    # The fused GEMM: 10 token buckets x 3 rank buckets x 3 projection shapes x (forward, backward).
+    assert run["tuning_keys_per_kernel"]["_gemm_lowrank_kernel"] == 10 * 3 * 3 * 2, run
