@@ -1,6 +1,7 @@
 """Triton launches on a machine with no GPU, as a GPU would see them: specialisation, tuning keys, binaries.
 
-``OfflineGPU`` replaces ``JITFunction.run`` (the last step of every launch) for as long as it is entered:
+``OfflineGPU`` replaces ``JITFunction.run`` (the last step of every launch) and makes its target Triton's current
+one (so code that asks Triton which GPU it runs on sees it) for as long as it is entered:
 each launch is bound and specialised by Triton's own binder for a CUDA target (``sm_90`` by default), its
 compile key computed as the runtime computes it, and nothing runs. Every ``@triton.autotune`` kernel keeps
 its real ``Autotuner.run`` (keys from the real arguments, one benchmark per config of a new key), with a
@@ -19,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -88,6 +90,8 @@ class OfflineGPU(contextlib.AbstractContextManager):
         offline = self
         self._benchmarking = 0
         self._bench_calls = 0
+        self._saved.append((driver, "_active", driver._active))
+        driver._active = _TargetOnly(self.target)  # what Triton's current target is while the block runs
         original_run = JITFunction.run
 
         def run(jit, *args, grid, warmup, **kwargs):
@@ -131,6 +135,16 @@ class OfflineGPU(contextlib.AbstractContextManager):
         for launch in self.launches:
             seen.setdefault(launch.kernel + launch.key, launch)
         return seen
+
+
+class _TargetOnly:
+    """A Triton driver that knows its target and nothing else: nothing can run through it."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
 
 
 def _tuning_key(tuner: Autotuner, bound: dict) -> tuple:

@@ -129,9 +129,9 @@ def describe(launch: Launch, target: str) -> dict:
     }
 
 
-def benchmark_variants(counts=COUNTS) -> dict[str, Launch]:
-    """Every binary the benchmark launches compile (all configs of every autotuner), by compile key."""
-    with OfflineGPU().watch(*TUNERS) as gpu:
+def benchmark_variants(target: str = "sm_90", counts=COUNTS) -> dict[str, Launch]:
+    """Every binary the benchmark launches compile on ``target`` (all configs its autotuners can pick), by compile key."""
+    with OfflineGPU(TARGETS[target][0]).watch(*TUNERS) as gpu:
         for m, k, n in SHAPES:
             for count in (0, *counts):  # no module active: the plain GEMM
                 forward(m, k, n, count)
@@ -144,11 +144,9 @@ def benchmark_variants(counts=COUNTS) -> dict[str, Launch]:
 
 def profile_variants(targets=tuple(TARGETS), counts=COUNTS) -> list[dict]:
     rows = []
-    for launch in benchmark_variants(counts).values():
-        for target in targets:
-            row = describe(launch, target)
-            row["layout"] = _layout(launch)
-            rows.append(row)
+    for target in targets:
+        for launch in benchmark_variants(target, counts).values():
+            rows.append({**describe(launch, target), "layout": _layout(launch)})
     return rows
 
 

@@ -87,19 +87,42 @@ def token_bucket(m: int) -> int:
     return max(MIN_TOKEN_BUCKET, 1 << (m - 1).bit_length())
 
 
-def autotune(gpu_configs: list[triton.Config], interpreter_config: triton.Config, key: list[str]):
+def arch(device: torch.device) -> int:
+    """Compute capability of the GPU that runs launches on ``device``, as Triton numbers it (90 for sm_90): the CUDA
+    device's, else Triton's current target (a GPU that ``bench.offline_triton`` stands in for); 0 in the interpreter."""
+    if INTERPRET:
+        return 0
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return triton.runtime.driver.active.get_current_target().arch
+
+
+def autotune(
+    gpu_configs: list[triton.Config],
+    interpreter_config: triton.Config,
+    key: list[str],
+    before_hopper: list[triton.Config] | None = None,
+):
     """``@triton.autotune`` over ``gpu_configs`` (the interpreter cannot autotune: ``interpreter_config`` alone
-    there), keyed on ``key`` plus every ``stride_*`` argument of the kernel.
+    there), keyed on ``key`` plus every ``stride_*`` argument of the kernel. ``before_hopper`` replaces
+    ``gpu_configs`` on GPUs older than sm_90, where tensor-core operands live in registers (``mma.sync``) and
+    tiles sized for Hopper's ``wgmma`` would spill.
 
     Triton compiles one binary per specialisation of the strides (unit, divisible by 16), so two launches with
     equal sizes but transposed operands (the forward GEMM and the dx GEMM of a square weight) run different
     binaries; keyed on their strides, each is tuned for itself. The autotuner adds the tensors' dtypes, and
     ``key`` must name every constexpr a launcher sets, so that each key selects exactly one binary per config."""
 
+    def for_this_gpu(configs, named_args, **kwargs):
+        older = arch(next(a for a in named_args.values() if isinstance(a, torch.Tensor)).device) < 90
+        return before_hopper if older else gpu_configs
+
     def decorate(fn):
         strides = [name for name in fn.arg_names if name.startswith("stride_")]
-        configs = [interpreter_config] if INTERPRET else gpu_configs
-        return triton.autotune(configs=configs, key=[*key, *strides])(fn)
+        configs = [interpreter_config] if INTERPRET else gpu_configs + (before_hopper or [])
+        prune = {"early_config_prune": for_this_gpu} if before_hopper else None
+        return triton.autotune(configs=configs, key=[*key, *strides], prune_configs_by=prune)(fn)
 
     return decorate
 

@@ -15,8 +15,8 @@ Schedule (persistent): the output tiles, row block by row block, are cut into on
 L-loop (and, when it is the block's first tile, stores ``U`` and then the block's partial sums); the
 program keeps that ``U`` in its own scratch rows and adds it as an extra K-slab to every tile of the block it
 meets. ``U`` is thus computed at most ``programs + row blocks`` times instead of once per tile, no program
-waits for another, and each partial sum has one writer (deterministic). ``BLOCK_M`` is fixed (not tuned),
-so the partial sums' buffer is sized before the autotuner picks a config.
+waits for another, and each partial sum has one writer (deterministic). ``BLOCK_M`` is fixed per GPU generation
+(``block_m``, not tuned), so the partial sums' buffer is sized before the autotuner picks a config.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import triton.language as tl
 from .._cost import record
 from .._runtime import (
     ACTIVE_SET_ARGS,
-    INTERPRET,
     TOKEN_ARGS,
+    arch,
     autotune,
     device_guard,
     multiprocessors,
@@ -38,8 +38,11 @@ from .._runtime import (
 )
 from .._tl import load_modules, load_tile, store_output_tile
 
-#: Rows per program: a Hopper warpgroup tile of 64 rows twice (the interpreter runs smaller programs).
-BLOCK_M = 64 if INTERPRET else 128
+
+def block_m(device: torch.device) -> int:
+    """Rows per program: two 64-row Hopper warpgroup tiles on sm_90 and later; 64 on older GPUs, whose ``mma.sync``
+    keeps operands in registers (128 rows spill there), and in the interpreter (smaller programs are faster there)."""
+    return 128 if arch(device) >= 90 else 64
 
 
 @triton.jit
@@ -87,6 +90,7 @@ def _partial_sums(
     ],
     triton.Config({"BLOCK_N": 64, "BLOCK_L": 64}),
     key=["M_BUCKET", "N", "L", "P", "HAS_BIAS", "PARTIALS", "BLOCK_M"],
+    before_hopper=[triton.Config({"BLOCK_N": 64, "BLOCK_L": 32}, num_warps=4, num_stages=3)],
 )
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _gemm_lowrank_kernel(
@@ -163,15 +167,16 @@ def gemm_lowrank(
     n = w.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     u = torch.empty((m, bucket), device=x.device, dtype=torch.float32)
-    m_blocks = triton.cdiv(m, BLOCK_M)
+    rows = block_m(x.device)
+    m_blocks = triton.cdiv(m, rows)
     partials = None if t is None else torch.empty((m_blocks, l_len, bucket), device=x.device, dtype=torch.float32)
     programs = multiprocessors(x.device)
-    scratch = torch.empty((programs, BLOCK_M, bucket), device=x.device, dtype=torch.float32)
+    scratch = torch.empty((programs, rows, bucket), device=x.device, dtype=torch.float32)
     e, count = x.element_size(), active.numel()
     fresh = min(programs + m_blocks, m_blocks * triton.cdiv(n, 64))  # tiles that compute U, at most
     record(
         "gemm_lowrank",
-        2 * m * n * l_len + 2 * m * n * bucket + 2 * fresh * BLOCK_M * l_len * bucket + (t is not None) * 2 * m * l_len * bucket,
+        2 * m * n * l_len + 2 * m * n * bucket + 2 * fresh * rows * l_len * bucket + (t is not None) * 2 * m * l_len * bucket,
         (m * l_len + n * l_len + m * n + count * (l_len + n) + (bias is not None) * n) * e
         + m * bucket * 4 * (1 + (t is not None)) + (0 if partials is None else partials.numel() * 4),
     )  # fmt: skip
@@ -186,6 +191,6 @@ def gemm_lowrank(
             partials.stride(0) if partials is not None else 0, partials.stride(1) if partials is not None else 0,
             P=bucket, HAS_BIAS=bias is not None, PARTIALS=t is not None,
             UPCAST=upcast_in_kernel(x.dtype), DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            BLOCK_M=BLOCK_M,
+            BLOCK_M=rows,
         )  # fmt: skip
     return y, u, partials
