@@ -71,6 +71,18 @@ def tail_penalty(layers: dict[str, nn.Module], start: int, stop: int, weight: fl
     return penalty
 
 
+def log_prior(features: list[dict], num_labels: int) -> torch.Tensor:
+    """``[num_labels]`` log of the label frequencies of ``features`` (class-labelled), each count plus one:
+    what a logit-adjusted loss adds to the logits (Menon et al., 2021; in federated learning under label skew,
+    Zhang et al., 2022, FedLC), so that a client whose data is mostly one class fits that through the prior and
+    not by pushing the shared model towards the class. The server's model predicts without it."""
+    labels = [f["labels"] for f in features]
+    if not labels or not all(isinstance(y, int) and 0 <= y < num_labels for y in labels):
+        raise ValueError(f"logit adjustment needs class labels in [0, {num_labels}) for every example")
+    counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double() + 1.0
+    return (counts / counts.sum()).log().float()
+
+
 def client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
     """A seed for ``stream`` (0: training) of ``client`` in round ``rnd``."""
     return int(np.random.SeedSequence([seed, rnd, client, stream]).generate_state(1)[0])
@@ -110,6 +122,7 @@ def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id:
         weight_decay=tcfg.weight_decay,
         seed=client_seed(config.run.seed, rnd, client, 0),
         pad_id=pad_id,
+        logit_adjustment=tcfg.logit_adjustment,
         autocast_dtype=autocast_dtype,
     )
 
@@ -165,12 +178,15 @@ def train_local(
     momentum: float = 0.0,
     warmup_steps: int = 0,
     group_by_length: bool = False,
+    logit_adjustment: bool = False,
     penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainStats:
     """``steps`` steps of a fresh ``optimizer`` ("adamw" or "sgd" with ``momentum``) on the parameters that
     currently require grad (build after the fold), the learning rate rising linearly over the first
     ``warmup_steps``, batches of similar length with ``group_by_length``; ``penalty()`` is added to every
-    step's loss (the reported loss is the task's alone)."""
+    step's loss (the reported loss is the task's alone). ``logit_adjustment`` (classification): the loss is
+    the cross-entropy of ``logits + log_prior(features)``, so that the model need not learn this client's label
+    mix (the reported loss is that one)."""
     if steps < 1:
         raise ValueError(f"local steps must be >= 1, got {steps}")
     start = time.perf_counter()
@@ -185,12 +201,17 @@ def train_local(
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
+    prior = log_prior(features, model.config.num_labels).to(device) if logit_adjustment else None
     model.train()
     total, tokens = 0.0, 0
     for batch in local_batches(features, batch_size, steps, generator, pad_id, group_by_length):
         batch = {k: v.to(device) for k, v in batch.items()}
         with precision_context(device, autocast_dtype):
-            loss = model(**batch).loss
+            if prior is None:
+                loss = model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                loss = nn.functional.cross_entropy(model(**batch).logits.float() + prior, labels)
         (loss if penalty is None else loss + penalty()).backward()
         opt.step()
         warmup.step()

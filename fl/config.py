@@ -95,6 +95,7 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw | sgd (fresh every round, as clients hold no optimizer state)
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
+    logit_adjustment: bool = False  # classification: train on logits + log(client's label prior) (fl.client.log_prior)
     eval_every: int = 1  # rounds; the last round is always evaluated
     eval_batch_size: int = 64
 
@@ -140,6 +141,8 @@ ADDED = {
     "references.names": [],
     "methods.hetlora.prune_lambda": 0.0,
     "methods.flexlora.scale": "common",
+    "methods.fedplora.module_mean": "holders",
+    "train.logit_adjustment": False,
 }
 
 
@@ -392,6 +395,7 @@ FIELDS: dict[str, Check] = {
     "train.optimizer": choice(("adamw", "sgd")),
     "train.momentum": number(0, 1, high_open=True),
     "train.weight_decay": number(0),
+    "train.logit_adjustment": boolean(),
     "train.eval_every": integer(1),
     "train.eval_batch_size": integer(1),
     "methods.names": method_names(),
@@ -452,6 +456,8 @@ def _cross_checks(config: Config):
         )
     if train.lr_min > train.lr:
         yield f"train.lr_min = {train.lr_min}: must not exceed train.lr = {train.lr}"
+    if train.logit_adjustment and kind != "classification":
+        yield f"train.logit_adjustment = true: needs a classification task ({task.name} is {kind})"
     if train.momentum and train.optimizer != "sgd":
         yield f"train.momentum = {train.momentum}: only sgd uses it (train.optimizer = {train.optimizer!r})"
     yield from _task_checks(task)

@@ -12,17 +12,32 @@ from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
 #: How a client may fold the modules it does not train (``plora.select_and_fold``).
 FOLD_MODES = ("merge", "exact")
 
+#: Over which clients the server averages a module (``FedPLoRAOptions.module_mean``).
+MODULE_MEANS = ("clients", "holders")
+
 
 @dataclass
 class FedPLoRAOptions:
-    """``[methods.fedplora]``: ``fold_mode``, how a client folds the modules it does not train: "merge" into
-    its base weight (the default), or "exact" (kept as frozen terms of the fused op, the base untouched)."""
+    """``[methods.fedplora]``.
+
+    fold_mode: how a client folds the modules it does not train: "merge" into its base weight (the default),
+    or "exact" (kept as frozen terms of the fused op, the base untouched).
+    module_mean: over which of the round's clients a module is averaged. "clients" (the default): all of
+    them, a client that did not train the module counting with the value it received (the module's FedAvg:
+    ``θ_j + Σ_{i holds j} p_i (θ_ij − θ_j)``, so that each client moves the model by its share ``p_i`` of the
+    round, as in ``Σ p_i ΔW_i``); "holders": only the clients that trained it, weights renormalised over them
+    (``Σ_{i holds j} p_i θ_ij / Σ_{i holds j} p_i``), so that a module held by one client takes that client's
+    factors whole: a client alone on many modules moves the model by up to ``1 / p_i`` times its share.
+    """
 
     fold_mode: str = "merge"
+    module_mean: str = "clients"
 
     def __post_init__(self) -> None:
         if self.fold_mode not in FOLD_MODES:
             raise ValueError(f"fold_mode must be one of {FOLD_MODES}, got {self.fold_mode!r}")
+        if self.module_mean not in MODULE_MEANS:
+            raise ValueError(f"module_mean must be one of {MODULE_MEANS}, got {self.module_mean!r}")
 
 
 def selection_seed(seed: int, rnd: int, client: int) -> int:
@@ -40,8 +55,8 @@ def select_modules(rank: int, total: int, seed: int) -> torch.Tensor:
 
 class FedPLoRA(Strategy):
     """Every client receives all ``R`` modules, trains ``r_i`` of them drawn at random (one draw for all
-    layers) and folds the rest; the server averages each module over the clients that trained it
-    (weights by data size or uniform, renormalised per module); an untrained module keeps its value."""
+    layers) and folds the rest; the server averages each module (weights by data size or uniform) over the
+    round's clients or over the clients that trained it (``module_mean``); an untrained module keeps its value."""
 
     name = "fedplora"
     Options = FedPLoRAOptions
@@ -63,16 +78,18 @@ class FedPLoRA(Strategy):
             mask = torch.zeros(len(updates), self.rank, dtype=torch.float64)
             for i, u in enumerate(updates):
                 mask[i, u.trained[name].cpu()] = 1.0
-            module_w = weights[:, None] * mask  # [C, R]
-            total = module_w.sum(0)  # [R]
-            seen = total > 0
-            norm_w = torch.where(seen, module_w / total.clamp_min(1e-300), 0.0).to(torch.float32).to(a.device)
-            new_a = sum(norm_w[i][:, None] * u.adapter[name].a.float() for i, u in enumerate(updates))
-            new_b = sum(norm_w[i][None, :] * u.adapter[name].b.float() for i, u in enumerate(updates))
-            keep = seen.to(a.device)
-            self.adapter[name] = Factors(
-                torch.where(keep[:, None], new_a, a.float()).to(a.dtype),
-                torch.where(keep[None, :], new_b, b.float()).to(b.dtype),
-            )
+            module_w = weights[:, None] * mask  # [C, R]: client i's weight in module j, 0 where it did not train j
+            coverage = module_w.sum(0)  # [R]: the round's weight that trained module j
+            seen = coverage > 0
+            if self.options.module_mean == "holders":
+                module_w = torch.where(seen, module_w / coverage.clamp_min(1e-300), 0.0)
+                kept = (~seen).double()  # the old value stays only where no client trained the module
+            else:
+                kept = torch.where(mask.bool().all(0), 0.0, 1.0 - coverage)  # the weight that left module j as received
+            module_w = module_w.to(torch.float32).to(a.device)
+            kept = kept.clamp_min(0.0).to(torch.float32).to(a.device)
+            new_a = kept[:, None] * a.float() + sum(w[:, None] * u.adapter[name].a.float() for w, u in zip(module_w, updates))
+            new_b = kept[None, :] * b.float() + sum(w[None, :] * u.adapter[name].b.float() for w, u in zip(module_w, updates))
+            self.adapter[name] = Factors(new_a.to(a.dtype), new_b.to(b.dtype))
         self.average_extra(updates, weights)
         return RoundResult(info={"modules_trained": int(seen.sum())})

@@ -32,30 +32,86 @@ def filled(value_a, value_b, modules=range(R)):
     return a, b
 
 
-def test_fedplora_averages_each_module_over_its_trainers():
-    s = build_strategy("fedplora", global_adapter(), HEAD)
+def two_clients_on_overlapping_modules():
+    """The global adapter and two updates: client 0 (1 example) trains modules 0, 1 (a := 1, b := 2), client 1
+    (3 examples) trains 1, 2 (a := 5, b := 6); module 3 is trained by nobody."""
     g = global_adapter()["layer"]
     a0, b0 = g.a.clone(), g.b.clone()
     a0[[0, 1]], b0[:, [0, 1]] = 1.0, 2.0
     a1, b1 = g.a.clone(), g.b.clone()
     a1[[1, 2]], b1[:, [1, 2]] = 5.0, 6.0
-    s.aggregate(0, [update(0, 1, a0, b0, [0, 1], 1.0), update(1, 3, a1, b1, [1, 2], 5.0)])
+    return g, [update(0, 1, a0, b0, [0, 1], 1.0), update(1, 3, a1, b1, [1, 2], 5.0)]
+
+
+def test_fedplora_averages_each_module_over_the_rounds_clients():
+    s = build_strategy("fedplora", global_adapter(), HEAD)
+    g, updates = two_clients_on_overlapping_modules()
+    s.aggregate(0, updates)
     a, b = s.adapter["layer"]
-    torch.testing.assert_close(a[0], torch.full((K,), 1.0))  # only client 0
-    torch.testing.assert_close(a[1], torch.full((K,), (1 * 1.0 + 3 * 5.0) / 4))  # both, data weights
+    # module 0: client 0 (weight 1/4) moved it, client 1 (3/4) returned it as received
+    torch.testing.assert_close(a[0], 0.25 * torch.full((K,), 1.0) + 0.75 * g.a[0])
+    torch.testing.assert_close(b[:, 0], 0.25 * torch.full((N,), 2.0) + 0.75 * g.b[:, 0])
+    torch.testing.assert_close(a[1], torch.full((K,), (1 * 1.0 + 3 * 5.0) / 4))  # both trained it: data weights
     torch.testing.assert_close(b[:, 1], torch.full((N,), (1 * 2.0 + 3 * 6.0) / 4))
-    torch.testing.assert_close(a[2], torch.full((K,), 5.0))  # only client 1
+    torch.testing.assert_close(a[2], 0.25 * g.a[2] + 0.75 * torch.full((K,), 5.0))
     torch.testing.assert_close(a[3], g.a[3])  # nobody: keeps the global value
     torch.testing.assert_close(b[:, 3], g.b[:, 3])
     torch.testing.assert_close(s.extra["head.weight"], torch.full((2, 2), 4.0))  # FedAvg over all clients
 
 
+def test_fedplora_holders_mean_renormalises_over_the_modules_trainers():
+    s = build_strategy("fedplora", global_adapter(), HEAD, module_mean="holders")
+    g, updates = two_clients_on_overlapping_modules()
+    s.aggregate(0, updates)
+    a, b = s.adapter["layer"]
+    torch.testing.assert_close(a[0], torch.full((K,), 1.0))  # only client 0: its factors whole
+    torch.testing.assert_close(a[1], torch.full((K,), (1 * 1.0 + 3 * 5.0) / 4))
+    torch.testing.assert_close(b[:, 1], torch.full((N,), (1 * 2.0 + 3 * 6.0) / 4))
+    torch.testing.assert_close(a[2], torch.full((K,), 5.0))  # only client 1
+    torch.testing.assert_close(a[3], g.a[3])
+    torch.testing.assert_close(b[:, 3], g.b[:, 3])
+
+
+def test_fedplora_moves_a_module_by_its_trainers_share_of_the_round():
+    """A small client alone on a module moves it by its share of the round, not by its whole update: the
+    aggregated update stays near the round's ideal ``Σ p_i ΔW_i`` (with the holder-only mean, a module held by
+    one client of weight 1/100 took that client's factors whole, 100 times its share)."""
+    zero_b = {"layer": Factors(global_adapter()["layer"].a, torch.zeros(N, R))}
+    s = build_strategy("fedplora", zero_b, HEAD)
+    g = s.adapter["layer"]
+    small_a, small_b = g.a.clone(), g.b.clone()
+    small_b[:, 0] = 1.0  # the small client trained module 0 only
+    big_a, big_b = g.a.clone(), g.b.clone()
+    big_b[:, 1] = 1.0  # the big one module 1
+    updates = [update(0, 1, small_a, small_b, [0]), update(1, 99, big_a, big_b, [1])]
+    s.aggregate(0, updates)
+    ideal = 0.01 * updates[0].adapter["layer"].delta() + 0.99 * updates[1].adapter["layer"].delta()
+    got = s.adapter["layer"].delta()
+    torch.testing.assert_close(got, ideal)  # B starts at zero: the products carry no cross term
+    torch.testing.assert_close(s.adapter["layer"].b[:, 0], torch.full((N,), 0.01))
+
+
+def test_fedplora_equals_fedavg_of_factors_when_every_client_trains_every_module():
+    s = build_strategy("fedplora", global_adapter(), HEAD)
+    fedit = build_strategy("fedit", global_adapter(), HEAD, client_rank=R)
+    a0, b0 = filled(1.0, 2.0)
+    a1, b1 = filled(3.0, -1.0)
+    updates = [update(0, 2, a0, b0, list(range(R))), update(1, 5, a1, b1, list(range(R)))]
+    s.aggregate(0, updates)
+    fedit.aggregate(0, updates)
+    assert torch.equal(s.adapter["layer"].a, fedit.adapter["layer"].a)
+    assert torch.equal(s.adapter["layer"].b, fedit.adapter["layer"].b)
+
+
 def test_fedplora_uniform_weights():
-    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform")
+    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform", module_mean="holders")
     a0, b0 = filled(1.0, 1.0)
     a1, b1 = filled(3.0, 3.0)
     s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 9, a1, b1, [1])])
     torch.testing.assert_close(s.adapter["layer"].a[1], torch.full((K,), 3.0))  # (2 + 4) / 2
+    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform")
+    s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 9, a1, b1, [1])])
+    torch.testing.assert_close(s.adapter["layer"].a[0], (torch.full((K,), 1.0) + global_adapter()["layer"].a[0]) / 2)
 
 
 def test_fedplora_plan_is_the_global_model_with_seeded_selection():

@@ -11,7 +11,7 @@ import torch
 from helpers import read_jsonl, simulated, tiny_config
 
 from fed_plora.fl.checkpoint import load_checkpoint
-from fed_plora.fl.client import round_lr, train_local
+from fed_plora.fl.client import log_prior, round_lr, train_local
 from fed_plora.fl.config import ConfigError, load_config
 from fed_plora.fl.strategies import Factors, build_strategy
 from fed_plora.fl.strategies.base import ClientUpdate
@@ -217,4 +217,50 @@ def test_a_config_written_before_the_new_fields_reads_back_with_the_recipe_it_ra
     read = Config.from_dict(old).to_dict()
     assert read["train"]["lr_schedule"] == "constant" and read["references"]["names"] == []
     assert read["methods"]["hetlora"]["prune_lambda"] == 0.0
+    assert read["methods"]["fedplora"]["module_mean"] == "holders" and read["train"]["logit_adjustment"] is False
     assert Config.from_dict(Config().to_dict()).train.lr_schedule == "cosine"  # a config that has them keeps them
+
+
+class _Classifier(torch.nn.Module):
+    """A two-class linear classifier with the ``model(**batch)`` interface (``.loss``, ``.logits``, ``.config``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.config = type("Config", (), {"num_labels": 2})()
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        out = type("Out", (), {})()
+        out.logits = self.linear(input_ids.float())
+        if labels is not None:
+            out.loss = torch.nn.functional.cross_entropy(out.logits, labels)
+        return out
+
+
+def test_log_prior_counts_every_class_plus_one():
+    features = [{"labels": 0}] * 7 + [{"labels": 1}]
+    torch.testing.assert_close(log_prior(features, 3), torch.tensor([8 / 11, 2 / 11, 1 / 11]).log())
+    with pytest.raises(ValueError, match="class labels"):
+        log_prior([{"labels": 5}], 2)
+
+
+def test_logit_adjustment_keeps_a_one_class_client_from_pushing_the_model_to_its_class():
+    """A client whose examples are 95% class 0: plain cross-entropy moves the model's own prediction to class 0;
+    the logit-adjusted loss leaves the class balance to the prior and barely moves it."""
+    generator = torch.Generator().manual_seed(0)
+    features = [{"input_ids": torch.randn(3, generator=generator).tolist(), "labels": int(i % 20 == 0)} for i in range(200)]
+    probe = torch.randn(100, 3, generator=generator)
+    shares = {}
+    for adjust in (False, True):
+        torch.manual_seed(0)
+        model = _Classifier()
+        train_local(model, features, steps=40, batch_size=20, lr=0.05, weight_decay=0.0, seed=1, pad_id=0, logit_adjustment=adjust)
+        with torch.no_grad():
+            shares[adjust] = float((model(probe).logits.argmax(-1) == 0).float().mean())
+    assert shares[False] > 0.95
+    assert shares[True] < 0.8
+
+
+def test_logit_adjustment_on_a_generation_task_is_refused():
+    with pytest.raises(ConfigError, match=r"train\.logit_adjustment"):
+        load_config(None, ['task.name="gsm8k"', "train.logit_adjustment=true"])

@@ -1,0 +1,78 @@
+"""A finished study as a benchmark record: ``bench/results/<name>-<device>.json`` from its directory.
+
+Copies the study's ``summary.json``, ``results.jsonl`` rows and ``report.md`` with the command, the commit, the
+versions and the wall time of every cell, and counts, per setting and method, the cells whose final metric is
+at the majority class (within ``--majority-margin`` of the ``majority`` reference row of the same cell).
+
+    python -m bench.study_record runs/studies/sst2-collapse --config configs/study_sst2_collapse.toml \
+        --command "fed-plora study --config configs/study_sst2_collapse.toml --data-dir ../shared/data"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from .common import RESULTS_DIR, environment
+
+
+def majority_cells(rows: list[dict], margin: float) -> dict[str, dict[str, list[int]]]:
+    """Per setting and method, the seeds whose final metric is within ``margin`` of that cell's majority row
+    (settings without a majority row are judged against the majority row of a setting with the same seed
+    and partition, i.e. any: the majority class of a dev set does not depend on the federation)."""
+    majority = {(r["setting"], r["seed"]): r["final"] for r in rows if r["method"] == "majority"}
+    by_seed = {seed: value for (_, seed), value in majority.items()}
+    found: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["kind"] != "federated":
+            continue
+        floor = majority.get((r["setting"], r["seed"]), by_seed.get(r["seed"]))
+        found[r["setting"]][r["method"]]  # every method listed, with or without such a seed
+        if floor is not None and r["final"] is not None and r["final"] <= floor + margin:
+            found[r["setting"]][r["method"]].append(r["seed"])
+    return {s: dict(m) for s, m in found.items()}
+
+
+def cell_wall_s(rows: list[dict]) -> dict[str, float]:
+    """Seconds of timed stages per cell (the sum over its methods and reference rows)."""
+    walls: dict[str, float] = defaultdict(float)
+    for r in rows:
+        walls[f"{r['setting']}/seed{r['seed']}"] += r["wall_s"] or 0.0
+    return dict(walls)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study_dir", type=Path)
+    parser.add_argument("--config", required=True, help="the study file the study ran from")
+    parser.add_argument("--command", required=True, help="the command that ran it, as recorded")
+    parser.add_argument("--majority-margin", type=float, default=0.02)
+    parser.add_argument("--out", type=Path, help="default: bench/results/study_<name>-<device>.json")
+    args = parser.parse_args(argv)
+    summary = json.loads((args.study_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (args.study_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    env = environment()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    record = {
+        "command": args.command,
+        "study_config": args.config,
+        "environment": env,
+        "commit": commit,
+        "cell_wall_s": cell_wall_s(rows),
+        "majority_margin": args.majority_margin,
+        "final_at_majority": majority_cells(rows, args.majority_margin),
+        "summary": summary,
+        "rows": rows,
+        "report_md": (args.study_dir / "report.md").read_text(),
+    }
+    name = summary["study"].replace("-", "_")
+    out = args.out or RESULTS_DIR / f"study_{name}-{env['device'].replace(' ', '_').lower()}.json"
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
