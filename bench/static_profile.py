@@ -159,9 +159,10 @@ def _layout(launch: Launch) -> str:
 
 
 class _TorchLaunches(TorchDispatchMode):
-    """Counts every torch kernel run in the block into ``_cost`` (bytes of its tensor operands and results)."""
+    """Counts every torch kernel run in the block into ``_cost``: bytes of its tensor operands and results, and
+    the FLOPs of matrix products."""
 
-    FREE = ("empty", "new_empty", "empty_like", "empty_strided", "detach", "alias", "lift_fresh")
+    FREE = ("empty", "new_empty", "empty_like", "empty_strided", "detach", "alias", "lift_fresh", "ones_like")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -172,7 +173,8 @@ class _TorchLaunches(TorchDispatchMode):
             results = out if isinstance(out, (tuple, list)) else [out]
             written = sum(r.numel() * r.element_size() for r in results if isinstance(r, torch.Tensor))
             read = 0 if name.endswith(("zero_", "fill_", "zeros_like")) else sum(t.numel() * t.element_size() for t in tensors)
-            _cost.record(f"torch.{name}", 0, read + written)
+            flops = 2 * results[0].numel() * tensors[-1].shape[0] if name in ("mm", "addmm") else 0
+            _cost.record(f"torch.{name}", flops, read + written)
         return out
 
 
@@ -205,6 +207,27 @@ def grids(op, *shape) -> dict[str, int]:
     return most
 
 
+def unfused_fwdbwd(m, k, n, count):
+    """PEFT's LoRA at rank = the active count (the benchmark's unfused path): forward and backward by autograd."""
+    x = _meta(m, k).requires_grad_()
+    a, b = _meta(count, k).requires_grad_(), _meta(n, count).requires_grad_()
+    y = x @ _meta(n, k).T + (x @ a.T) @ b.T * SCALE
+    y.backward(_meta(m, n))
+
+
+def bound_ratios(m: int, k: int, n: int, count: int, sm: sass.SM = sass.HOPPER) -> dict[str, float]:
+    """Modelled bounds of the benchmark's ratios at one shape: fused forward / cuBLAS ``x Wᵀ``, fused backward /
+    cuBLAS ``dy W``, and unfused / fused forward+backward (the most the fused op can gain over the unfused path,
+    if the unfused one ran at its bound)."""
+    fwd = bound_us(plan(forward, m, k, n, count), sm, grids(forward, m, k, n, count))
+    bwd = bound_us(plan(backward, m, k, n, count), sm, grids(backward, m, k, n, count))
+    return {
+        "fwd/cublas": fwd / bound_us(cublas(m, k, n), sm),
+        "bwd/cublas_dgrad": bwd / bound_us(cublas(m, n, k), sm),
+        "unfused/fused fwd+bwd": bound_us(plan(unfused_fwdbwd, m, k, n, count), sm) / (fwd + bwd),
+    }
+
+
 def roofline(sm: sass.SM = sass.HOPPER, counts=COUNTS) -> list[dict]:
     rows = []
     for op_name, op in OPS.items():
@@ -219,6 +242,35 @@ def roofline(sm: sass.SM = sass.HOPPER, counts=COUNTS) -> list[dict]:
                     "bound_us": ours, "cublas_bound_us": base, "bound_ratio": ours / base,
                 })  # fmt: skip
     return rows
+
+
+def forward_with_shrink(m, k, n, count):
+    """The other forward design: a separate shrink for t (a second pass over x), then the GEMM seeded with the slab."""
+    x, w = _meta(m, k), _meta(n, k)
+    a, b, active = _meta(RANK, k), _meta(n, RANK), _active(count, torch.int64)
+    return formulas.forward(x, w, a, b, active, SCALE, None, gemm=fused.gemm_with_slab)
+
+
+def forward_designs(sm: sass.SM = sass.HOPPER, counts=COUNTS) -> list[dict]:
+    """Modelled bound / cuBLAS of both forward designs: the one pass over x that the op runs (t computed once per
+    run of tiles, ``gemm_lowrank``) and a separate shrink before the GEMM."""
+    rows = []
+    for m in (2048, 4096, 8192):
+        for k, n in LLAMA_7B:
+            for count in counts:
+                base = bound_us(cublas(m, k, n), sm)
+                ratio = {
+                    name: bound_us(plan(op, m, k, n, count), sm, grids(op, m, k, n, count)) / base
+                    for name, op in (("one_pass", forward), ("separate_shrink", forward_with_shrink))
+                }
+                rows.append({"M": m, "K": k, "N": n, "active": count, **ratio})
+    return rows
+
+
+def target_bounds(counts=(8, 16, 64)) -> list[dict]:
+    """``bound_ratios`` at the GPU suite's and the benchmark's shapes."""
+    shapes = sorted({(m, k, n) for m in (2048, 4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))})
+    return [{"M": m, "K": k, "N": n, "active": c, **bound_ratios(m, k, n, c)} for m, k, n in shapes for c in counts]
 
 
 # ------------------------------------------------------------------------------------------ training run
@@ -297,6 +349,8 @@ def main(argv: list[str]) -> int:
         "hardware": {name: vars(sm) for name, (_, sm) in TARGETS.items()},
         "variants": profile_variants(targets, counts),
         "roofline": roofline(counts=counts),
+        "forward_designs": forward_designs(counts=counts),
+        "target_bounds": target_bounds(),
         "training_run": training_run(),
     }  # fmt: skip
     result["seconds"] = time.time() - started
