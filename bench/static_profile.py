@@ -267,6 +267,30 @@ def forward_designs(sm: sass.SM = sass.HOPPER, counts=COUNTS) -> list[dict]:
     return rows
 
 
+#: H100 SXM boost clock (Hz) and warp schedulers per SM: at most 4 warp-instructions issued per cycle per SM.
+CLOCK_HZ, SCHEDULERS = 1.98e9, 4
+
+
+def nf4_issue_bounds(variants: list[dict]) -> list[dict]:
+    """NF4 GEMM at decoding size (M = 16): for each sm_90 config, the time to issue its K loops' instructions
+    (warp-instructions over ``SCHEDULERS`` per SM on ``min(programs, SMs)`` SMs at ``CLOCK_HZ``) against the
+    launch's memory floor (its bytes at HBM bandwidth)."""
+    rows = []
+    for m, k, n in [s for s in NF4_SHAPES if s[0] == 16]:
+        launches = plan(nf4_forward, m, k, n, 16)
+        floor_us = next(c.bytes for c in launches if c.name == "gemm_nf4_with_slab") / sass.HOPPER.hbm_bytes_per_s * 1e6
+        for v in variants:
+            if v["kernel"] != "_gemm_nf4_kernel" or v["target"] != "sm_90" or v["P"] != 16:
+                continue
+            c = v["config"]
+            programs = -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"])
+            warp_instructions = programs * (k // c["BLOCK_K"]) * v["k_loops"][0]["instructions"] * c["num_warps"]
+            issue_us = warp_instructions / (SCHEDULERS * min(programs, sass.HOPPER.sms) * CLOCK_HZ) * 1e6
+            rows.append({"M": m, "K": k, "N": n, "config": c, "programs": programs, "issue_us": issue_us,
+                         "memory_floor_us": floor_us, "issue/floor": issue_us / floor_us})  # fmt: skip
+    return rows
+
+
 def target_bounds(counts=(8, 16, 64)) -> list[dict]:
     """``bound_ratios`` at the GPU suite's and the benchmark's shapes."""
     shapes = sorted({(m, k, n) for m in (2048, 4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))})
@@ -353,6 +377,7 @@ def main(argv: list[str]) -> int:
         "target_bounds": target_bounds(),
         "training_run": training_run(),
     }  # fmt: skip
+    result["nf4_issue_bounds"] = nf4_issue_bounds(result["variants"])
     result["seconds"] = time.time() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

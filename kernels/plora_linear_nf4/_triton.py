@@ -8,7 +8,9 @@ dividing the block size (so a K-step reads one absmax per row); the launcher che
 
 The dequantisation is redone for every M-tile, so this kernel saves memory traffic at small M and
 costs ALU work at large M; ``op.py`` picks it only for small M. It autotunes on ``M_BUCKET``
-(``token_bucket(M)``), as ``gemm_with_slab`` does.
+(``token_bucket(M)``), as ``gemm_with_slab`` does. On sm_90 and later, tiles of fewer than 64 rows compute
+``(X Wᵀ)ᵀ = W Xᵀ`` (``SWAP_AB``), so that the dequantised W tile is the tensor cores' 64-row operand and the
+loop runs wgmma rather than mma.sync.
 """
 
 from __future__ import annotations
@@ -28,19 +30,23 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 BLOCK_K = 64
 
 
+def _configs(swap_small_m: bool) -> list[triton.Config]:
+    """The search space; with ``swap_small_m`` the configs of fewer than 64 rows run the swapped product (wgmma)."""
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "GROUP_M": 8, "SWAP_AB": swap_small_m and bm < 64},
+            num_warps=w,
+            num_stages=s,
+        )
+        for bm, bn, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
+    ]
+
+
 @autotune(
-    [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": BLOCK_K, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (16, 128, 4, 4),
-            (32, 128, 4, 4),
-            (64, 128, 8, 4),
-            (64, 64, 4, 4),
-            (128, 128, 8, 3),
-        ]
-    ],
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4}),
+    _configs(swap_small_m=True),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP_M": 4, "SWAP_AB": True}),
     key=["M_BUCKET", "N", "K", "P", "HAS_SLAB", "HAS_BIAS", "NESTED", "BLOCKSIZE", "BLOCKSIZE2", "W_DTYPE", "W_UPCAST"],
+    before_hopper=_configs(swap_small_m=False),  # mma.sync takes 16 rows anyway; the swapped tile spills there
 )
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _gemm_nf4_kernel(
@@ -51,7 +57,7 @@ def _gemm_nf4_kernel(
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, W_DTYPE: tl.constexpr, W_UPCAST: tl.constexpr,
     P: tl.constexpr, HAS_SLAB: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -68,6 +74,9 @@ def _gemm_nf4_kernel(
             stride_tm, stride_g_idx, stride_g_n, P, UPCAST, DOT_PRECISION,
         )  # fmt: skip
 
+    # With SWAP_AB the loop computes (X Wᵀ)ᵀ = W Xᵀ, so that N, not a small M, is the tensor cores' 64-row side
+    # (Hopper's wgmma needs 64 rows; with M = 16 or 32 rows the loop would fall back to mma.sync).
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     row_start = offs_n.to(tl.int64) * K  # flat index of each weight row
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -87,8 +96,13 @@ def _gemm_nf4_kernel(
             w = w.to(tl.float32)
         else:
             w = w.to(x_dtype)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+        if SWAP_AB:
+            acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
+    if SWAP_AB:
+        acc += tl.trans(acc_t)
     store_output_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_yn, HAS_BIAS, UPCAST)
 
 
