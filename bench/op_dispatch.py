@@ -65,6 +65,12 @@ def stand_ins() -> ExitStack:
     def reduce_over_m(x, t):
         return torch.empty((x.shape[1], t.shape[1]), device=x.device, dtype=torch.float32)
 
+    def gemm_lowrank(x, w, h, h_rows_dim, g, g_rows_dim, active, bucket, u_scale, slab_scale, bias, t=None):
+        m, l_len = x.shape
+        partials = None if t is None else torch.empty((1, l_len, bucket), device=x.device, dtype=torch.float32)
+        u = torch.empty((m, bucket), device=x.device, dtype=torch.float32)
+        return torch.empty((m, w.shape[0]), device=x.device, dtype=x.dtype), u, partials
+
     def gemm_nf4_with_slab(x, nf4, t, g, g_rows_dim, active, slab_scale, bias):
         return torch.empty((x.shape[0], nf4.shape[0]), device=x.device, dtype=x.dtype)
 
@@ -73,7 +79,7 @@ def stand_ins() -> ExitStack:
 
     stack = ExitStack()
     for module, name, stand_in in [
-        (formulas, "TRITON", formulas.Products(shrink, gemm_with_slab, reduce_over_m)),
+        (formulas, "TRITON", formulas.Products(shrink, gemm_with_slab, reduce_over_m, gemm_lowrank)),
         (nf4_op._triton, "gemm_nf4_with_slab", gemm_nf4_with_slab),
         (nf4_op, "dequantize_nf4", dequantize_nf4),
     ]:
