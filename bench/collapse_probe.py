@@ -221,7 +221,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the run config (required unless --from is given)")
     parser.add_argument("--set", action="append", default=[], help="section.key=value (TOML), as fed-plora run")
     parser.add_argument("--methods", nargs="+", default=["fedplora", "fedit", "hetlora"])
     parser.add_argument("--seed", type=int)
@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--from needs --plot")
         plot(json.loads(Path(args.source).read_text()), Path(args.plot))
         return
-    if not args.out:
-        parser.error("--out is required unless --from is given")
+    if not args.out or not args.config:
+        parser.error("--config and --out are required unless --from is given")
     overrides = list(args.set)
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
