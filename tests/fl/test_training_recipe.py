@@ -264,3 +264,14 @@ def test_logit_adjustment_keeps_a_one_class_client_from_pushing_the_model_to_its
 def test_logit_adjustment_on_a_generation_task_is_refused():
     with pytest.raises(ConfigError, match=r"train\.logit_adjustment"):
         load_config(None, ['task.name="gsm8k"', "train.logit_adjustment=true"])
+
+
+def test_logit_adjustment_reaches_every_client_of_a_run(tiny_models, tmp_path):
+    """Set in the config, the adjusted loss is what the clients train on (their reported losses differ from a
+    plain run's from the first round, where both start from the same model)."""
+    losses = {}
+    for adjust in ("false", "true"):
+        config = tiny_config(tiny_models, tmp_path, 'methods.names=["fedplora"]', f"train.logit_adjustment={adjust}")
+        records = read_jsonl(simulated(config, f"adjust-{adjust}") / "metrics.jsonl")
+        losses[adjust] = [r["train_loss"] for r in records]
+    assert losses["true"][0] != pytest.approx(losses["false"][0], rel=1e-6)
