@@ -35,7 +35,6 @@ class Launch:
     key: str  # Triton's compile-cache key: one binary per distinct key
     args: dict[str, Any]  # bound arguments (tensors as given, constexprs included)
     grid: tuple[int, ...]
-    tuned: bool  # launched by an autotuner's benchmark (False: the launch that computes the result)
     tuning_key: tuple | None  # the key a watched autotuner filed it under (None: not autotuned)
     jit: JITFunction = dataclasses.field(repr=False)
     packed: tuple = dataclasses.field(repr=False)  # (options, signature, constexprs, attrs) for ``compile``
@@ -44,7 +43,7 @@ class Launch:
 class OfflineGPU(contextlib.AbstractContextManager):
     """Records every Triton launch made inside the ``with`` block instead of running it (see module docstring).
 
-    ``launches`` lists them in order; ``tuning_keys[name]`` the autotuning keys a kernel's autotuner met.
+    ``launches`` lists them in order; ``tuning_keys(tuner)`` (inside the block) the keys a watched autotuner met.
     """
 
     def __init__(self, target: GPUTarget = HOPPER):
@@ -67,17 +66,12 @@ class OfflineGPU(contextlib.AbstractContextManager):
         key = compute_cache_key({}, specialization, options_obj)
         packed = jit._pack_args(self.backend, kwargs, bound, specialization, options_obj)
         grid = grid(bound) if callable(grid) else grid
-        tuned = self._benchmarking > 0
         tuner = next((t for t in self._tuners if t.fn is jit), None)
         tuning_key = None if tuner is None else _tuning_key(tuner, bound)
-        self.launches.append(Launch(jit.fn.__name__, key, dict(bound), tuple(grid), tuned, tuning_key, jit, packed))
+        self.launches.append(Launch(jit.fn.__name__, key, dict(bound), tuple(grid), tuning_key, jit, packed))
 
     def _do_bench(self, kernel_call, quantiles=None):
-        self._benchmarking += 1
-        try:
-            kernel_call()
-        finally:
-            self._benchmarking -= 1
+        kernel_call()
         order = self._bench_calls = self._bench_calls + 1
         return [float(order)] * (len(quantiles) if quantiles else 1)  # the first config of a tuning run wins
 
@@ -88,7 +82,6 @@ class OfflineGPU(contextlib.AbstractContextManager):
 
     def __enter__(self):
         offline = self
-        self._benchmarking = 0
         self._bench_calls = 0
         self._saved.append((driver, "_active", driver._active))
         driver._active = _TargetOnly(self.target)  # what Triton's current target is while the block runs

@@ -4,19 +4,22 @@ With ``X [M, L]``, ``W [N, L]``, the active modules ``H_act`` (length L) and ``G
 
     U        = u_scale · X H_actᵀ                                 [M, P]  fp32, written out
     Y        = X Wᵀ + slab_scale · U G_act (+ bias)               [M, N]
-    partials = u_scale · X[block b]ᵀ T[block b]  for every block b of BLOCK_M rows   [M blocks, L, P]  fp32 (optional)
+    partials = u_scale · X[rows]ᵀ T[rows]  over disjoint sets of rows, summing to u_scale · Xᵀ T   [slots, L, P]  fp32 (optional)
 
 The forward is ``X = x``, ``W = W0``, ``H = A``, ``G = B`` (``U = t``); the backward's dx is ``X = dy``,
 ``W = W0ᵀ``, ``H = B``, ``G = A`` (``U = dt``), with the dB partial sums ``dyᵀ t`` taken from the same dy tiles.
 So X is read once for everything (the forward's x for y and t, the backward's dy for dx, dt and dB).
 
-Schedule (persistent): the output tiles, row block by row block, are cut into one contiguous run per program
-(as many programs as the GPU has SMs). A tile that starts a run or a row block also accumulates ``U`` in its
-L-loop (and, when it is the block's first tile, stores ``U`` and then the block's partial sums); the
-program keeps that ``U`` in its own scratch rows and adds it as an extra K-slab to every tile of the block it
-meets. ``U`` is thus computed at most ``programs + row blocks`` times instead of once per tile, no program
-waits for another, and each partial sum has one writer (deterministic). ``BLOCK_M`` is fixed per GPU generation
-(``block_m``, not tuned), so the partial sums' buffer is sized before the autotuner picks a config.
+Schedule (persistent): the output tiles, row block by row block, are cut into one contiguous run per program (as
+many programs as the GPU has SMs). A tile that starts a run or a new row block also accumulates ``U`` in its
+L-loop; the program keeps that ``U`` in its own scratch rows and adds it as an extra K-slab to every tile of that
+row block it meets. ``U`` is thus computed at most ``programs + row blocks`` times instead of once per tile, and
+no program waits for another. A row block's first tile writes its ``U``. With partial sums, the first tiles of
+all row blocks come first in the order, each adding its block's partial sums into its program's own slot: they
+all lie in the runs of the first ``programs / N-tiles + 1`` programs, so the partial sums take that many
+``[L, P]`` slots (each with one writer: deterministic), not one per row block, for one more ``U`` per block.
+``BLOCK_M`` is fixed per GPU generation (``block_m``, not tuned), so the slots are sized before the autotuner
+picks a config.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ def _partial_sums(
     part_ptr, x_ptr, t_ptr, offs_m, mask_m, L, part_scale, stride_xm, stride_xl, stride_tm, stride_pl,
     P: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """``part_scale · X[offs_m]ᵀ T[offs_m]`` (``[L, P]``) at ``part_ptr``, one L-step at a time. A loop of its own
-    (the row block was just read, so from L2): beside the tile's accumulators its operands would spill."""
+    """Add ``part_scale · X[offs_m]ᵀ T[offs_m]`` (``[L, P]``) to the slot at ``part_ptr``, one L-step at a time. A
+    loop of its own (the row block was just read, so from L2): beside the tile's accumulators its operands would
+    spill. Each thread adds to the elements it stored before, so no barrier is needed between row blocks."""
     offs_p = tl.arange(0, P)
     t = load_tile(t_ptr, offs_m, offs_p, stride_tm, 1, mask_m, offs_p < P, False)
     if not UPCAST:
@@ -79,8 +83,9 @@ def _partial_sums(
         offs_l = l0 + tl.arange(0, BLOCK_L)
         mask_l = offs_l < L
         x = load_tile(x_ptr, offs_m, offs_l, stride_xm, stride_xl, mask_m, mask_l, UPCAST)
+        slot = part_ptr + offs_l[:, None] * stride_pl + offs_p[None, :]
         part = tl.dot(tl.trans(x), t, input_precision=DOT_PRECISION) * part_scale
-        tl.store(part_ptr + offs_l[:, None] * stride_pl + offs_p[None, :], part, mask=mask_l[:, None])
+        tl.store(slot, tl.load(slot, mask=mask_l[:, None], other=0.0) + part, mask=mask_l[:, None])
 
 
 @autotune(
@@ -90,7 +95,9 @@ def _partial_sums(
     ],
     triton.Config({"BLOCK_N": 64, "BLOCK_L": 64}),
     key=["M_BUCKET", "N", "L", "P", "HAS_BIAS", "PARTIALS", "BLOCK_M"],
-    before_hopper=[triton.Config({"BLOCK_N": 64, "BLOCK_L": 32}, num_warps=4, num_stages=3)],
+    before_hopper=[
+        triton.Config({"BLOCK_N": bn, "BLOCK_L": bl}, num_warps=w, num_stages=3) for bn, bl, w in [(64, 32, 8), (64, 16, 4)]
+    ],
 )
 @triton.jit(do_not_specialize=ACTIVE_SET_ARGS + TOKEN_ARGS)
 def _gemm_lowrank_kernel(
@@ -102,23 +109,32 @@ def _gemm_lowrank_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):  # fmt: skip
     n_tiles = tl.cdiv(N, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * n_tiles
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    tiles = m_blocks * n_tiles
     start = tl.program_id(0) * tiles // tl.num_programs(0)
     end = (tl.program_id(0) + 1) * tiles // tl.num_programs(0)
     h_rows, h_active = load_modules(idx_ptr, r, R, P)
     offs_p = tl.arange(0, P)
     rows = tl.arange(0, BLOCK_M)
     scratch = scratch_ptr + tl.program_id(0) * BLOCK_M * P + rows[:, None] * P + offs_p[None, :]  # this program's U
+    others = tl.maximum(n_tiles - 1, 1)  # tiles of a row block after its first
 
+    current = -1  # the row block whose U the scratch rows hold
     for tile in range(start, end):
-        pid_m = tile // n_tiles
-        pid_n = tile % n_tiles
+        if PARTIALS:  # the first tiles of all row blocks come first
+            owner = tile < m_blocks
+            pid_m = tl.where(owner, tile, (tile - m_blocks) // others)
+            pid_n = tl.where(owner, 0, 1 + (tile - m_blocks) % others)
+        else:  # row block by row block
+            pid_m = tile // n_tiles
+            pid_n = tile % n_tiles
+            owner = pid_n == 0
         offs_m = pid_m * BLOCK_M + rows
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if (tile == start) | (pid_n == 0):  # a new U: the run's first tile, or a new row block
+        if pid_m != current:  # a new U: the run's first tile, or a new row block
             acc, u = _tile(
                 acc, tl.zeros((BLOCK_M, P), dtype=tl.float32), x_ptr, w_ptr, h_ptr, h_rows, h_active,
                 offs_m, mask_m, offs_n, mask_n, L, stride_xm, stride_xl, stride_wn, stride_wl, stride_h_idx, stride_h_l,
@@ -126,11 +142,12 @@ def _gemm_lowrank_kernel(
             )  # fmt: skip
             u = u * u_scale
             tl.store(scratch, u)
-            if pid_n == 0:  # the row block's first tile writes its U and partial sums
+            current = pid_m
+            if owner:  # the row block's first tile writes its U and adds its partial sums to the program's slot
                 tl.store(u_ptr + offs_m[:, None] * stride_um + offs_p[None, :], u, mask=mask_m[:, None])
                 if PARTIALS:
                     _partial_sums(
-                        part_ptr + pid_m * stride_pb, x_ptr, t_ptr, offs_m, mask_m, L, u_scale,
+                        part_ptr + tl.program_id(0) * stride_pb, x_ptr, t_ptr, offs_m, mask_m, L, u_scale,
                         stride_xm, stride_xl, stride_tm, stride_pl, P, UPCAST, DOT_PRECISION, BLOCK_L,
                     )  # fmt: skip
             tl.debug_barrier()  # the scratch rows are read back by other threads of the program
@@ -161,7 +178,7 @@ def gemm_lowrank(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(Y, U, partials)`` of the module docstring for ``x [M, L]``, ``w [N, L]``; module ``j`` of ``h`` is
     ``h.select(h_rows_dim, j)`` (length L), of ``g`` ``g.select(g_rows_dim, j)`` (length N). ``Y`` in x's dtype,
-    ``U`` fp32 ``[M, bucket]``; ``partials`` fp32 ``[blocks, L, bucket]`` of ``u_scale · xᵀ t`` (``t`` fp32
+    ``U`` fp32 ``[M, bucket]``; ``partials`` fp32 ``[slots, L, bucket]`` summing to ``u_scale · xᵀ t`` (``t`` fp32
     ``[M, bucket]``), None without ``t``."""
     m, l_len = x.shape
     n = w.shape[0]
@@ -169,16 +186,18 @@ def gemm_lowrank(
     u = torch.empty((m, bucket), device=x.device, dtype=torch.float32)
     rows = block_m(x.device)
     m_blocks = triton.cdiv(m, rows)
-    partials = None if t is None else torch.empty((m_blocks, l_len, bucket), device=x.device, dtype=torch.float32)
     programs = multiprocessors(x.device)
+    # Programs whose runs hold first tiles, whatever the config (every config's BLOCK_N is at most 128).
+    slots = min(m_blocks, programs // triton.cdiv(n, 128) + 1)
+    partials = None if t is None else torch.zeros((slots, l_len, bucket), device=x.device, dtype=torch.float32)
     scratch = torch.empty((programs, rows, bucket), device=x.device, dtype=torch.float32)
     e, count = x.element_size(), active.numel()
-    fresh = min(programs + m_blocks, m_blocks * triton.cdiv(n, 64))  # tiles that compute U, at most
+    fresh = min(programs + (1 + (t is not None)) * m_blocks, m_blocks * triton.cdiv(n, 64))  # tiles computing U, at most
     record(
         "gemm_lowrank",
         2 * m * n * l_len + 2 * m * n * bucket + 2 * fresh * rows * l_len * bucket + (t is not None) * 2 * m * l_len * bucket,
         (m * l_len + n * l_len + m * n + count * (l_len + n) + (bias is not None) * n) * e
-        + m * bucket * 4 * (1 + (t is not None)) + (0 if partials is None else partials.numel() * 4),
+        + m * bucket * 4 * (1 + (t is not None)) + (t is not None) * m_blocks * l_len * bucket * 8,  # slots: += per block
     )  # fmt: skip
     with device_guard(x):
         _gemm_lowrank_kernel[lambda meta: (min(programs, m_blocks * triton.cdiv(n, meta["BLOCK_N"])),)](

@@ -73,3 +73,32 @@ def test_triton_products_match_their_torch_references(dtype, device):
         assert y.dtype == dtype and rel_error(y, ref) < tol
     for inp in (x, dy):
         assert rel_error(triton.reduce_over_m(inp, t), torch_.reduce_over_m(inp.double(), t.double())) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m, n", [(37, 24), (300, 150)])  # one tile; 5 row blocks x 3 tiles over 3 programs
+def test_fused_gemm_matches_its_torch_reference(m, n, dtype, device):
+    """``gemm_lowrank`` (a run of tiles per program, U recomputed where a run or a row block starts, the dB partial
+    sums accumulated per program) against its plain-torch reference, forward-like and backward-like."""
+    x, weight, lora_a, lora_b, bias, dy, gen = _operands(m, 40, n, 6, dtype, device, seed=4)
+    active = torch.randperm(6, generator=gen)[:4].to(device)
+    t = torch.randn(m, 16, generator=gen).to(device)
+    t[:, 4:] = 0  # padded columns, as the forward writes them
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    b_rows = formulas.modules_as_rows(lora_b)
+    cases = (
+        (x, weight, lora_a, lora_b.T, 1.0, 0.5, bias, None),  # forward: y and t from x
+        (dy, weight.T, b_rows, lora_a, 0.5, 1.0, None, t),  # backward: dx, dt and dB's partial sums from dy
+    )
+    for inp, w, h, g, u_scale, slab_scale, b, with_t in cases:
+        y, u, partials = formulas.TRITON.gemm_lowrank(inp, w, h, 0, g, 0, active, 16, u_scale, slab_scale, b, with_t)
+        y_ref, u_ref, partials_ref = formulas.TORCH.gemm_lowrank(
+            inp.double(), w.double(), h.double(), 0, g.double(), 0, active, 16, u_scale, slab_scale,
+            None if b is None else b.double(), None if with_t is None else with_t[:, :4].double(),
+        )  # fmt: skip
+        assert y.dtype == dtype and rel_error(y, y_ref) < tol
+        assert u.dtype == torch.float32 and not u[:, 4:].any() and rel_error(u[:, :4], u_ref) < tol
+        if with_t is None:
+            assert partials is None
+        else:
+            assert rel_error(partials.sum(0)[:, :4], partials_ref[0]) < tol
