@@ -36,6 +36,7 @@ from bench import sass
 from bench.offline_triton import AMPERE, HOPPER, Launch, OfflineGPU, compile_launch
 from fed_plora.kernels import _cost
 from fed_plora.kernels._checks import as_kernel_indices
+from fed_plora.kernels.nf4 import _triton as nf4_triton
 from fed_plora.kernels.nf4.layout import NF4_LEVELS, NF4Weight
 from fed_plora.kernels.plora_linear import _gemm_lowrank, formulas
 from fed_plora.kernels.plora_linear import _triton as fused
@@ -97,6 +98,13 @@ def backward(m, k, n, count, index_dtype=torch.int64):
 def nf4_forward(m, k, n, count):
     x, a, b, active = _meta(m, k), _meta(RANK, k), _meta(n, RANK), _meta(count, dtype=torch.int64)
     return formulas.forward(x, _nf4_meta(n, k), a, b, active, SCALE, None, gemm=nf4_gemm.gemm_nf4_with_slab)
+
+
+def nf4_temporary_forward(m, k, n, count):
+    """The NF4 op's forward for large M: dequantise W into a temporary, then the bf16 forward."""
+    nf4, weight = _nf4_meta(n, k), _meta(n, k)
+    nf4_triton.dequantize(nf4, weight)
+    return formulas.forward(_meta(m, k), weight, _meta(RANK, k), _meta(n, RANK), _active(count, torch.int64), SCALE, None)
 
 
 def cublas(m, k, n):
@@ -217,14 +225,18 @@ def unfused_fwdbwd(m, k, n, count):
 
 def bound_ratios(m: int, k: int, n: int, count: int, sm: sass.SM = sass.HOPPER) -> dict[str, float]:
     """Modelled bounds of the benchmark's ratios at one shape: fused forward / cuBLAS ``x Wᵀ``, fused backward /
-    cuBLAS ``dy W``, and unfused / fused forward+backward (the most the fused op can gain over the unfused path,
-    if the unfused one ran at its bound)."""
-    fwd = bound_us(plan(forward, m, k, n, count), sm, grids(forward, m, k, n, count))
-    bwd = bound_us(plan(backward, m, k, n, count), sm, grids(backward, m, k, n, count))
+    cuBLAS ``dy W``, unfused / fused forward+backward (the most the fused op can gain over the unfused path, if
+    the unfused one ran at its bound), and the NF4 op's forward (the better of its two paths) / the bf16 one."""
+
+    def bound(op):
+        return bound_us(plan(op, m, k, n, count), sm, grids(op, m, k, n, count))
+
+    fwd, bwd = bound(forward), bound(backward)
     return {
         "fwd/cublas": fwd / bound_us(cublas(m, k, n), sm),
         "bwd/cublas_dgrad": bwd / bound_us(cublas(m, n, k), sm),
         "unfused/fused fwd+bwd": bound_us(plan(unfused_fwdbwd, m, k, n, count), sm) / (fwd + bwd),
+        "nf4/bf16 fwd": min(bound(nf4_forward), bound(nf4_temporary_forward)) / fwd,
     }
 
 
@@ -293,7 +305,7 @@ def nf4_issue_bounds(variants: list[dict]) -> list[dict]:
 
 def target_bounds(counts=(8, 16, 64)) -> list[dict]:
     """``bound_ratios`` at the GPU suite's and the benchmark's shapes."""
-    shapes = sorted({(m, k, n) for m in (2048, 4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))})
+    shapes = sorted({(m, k, n) for m in (16, 2048, 4096, 8192) for k, n in ((4096, 4096), (4096, 11008), (11008, 4096))})
     return [{"M": m, "K": k, "N": n, "active": c, **bound_ratios(m, k, n, c)} for m, k, n in shapes for c in counts]
 
 
