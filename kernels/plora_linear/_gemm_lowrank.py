@@ -141,6 +141,7 @@ def _gemm_lowrank_kernel(
                 True, UPCAST, DOT_PRECISION, BLOCK_L,
             )  # fmt: skip
             u = u * u_scale
+            tl.debug_barrier()  # every thread has read the previous U from the scratch rows
             tl.store(scratch, u)
             current = pid_m
             if owner:  # the row block's first tile writes its U and adds its partial sums to the program's slot
