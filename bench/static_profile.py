@@ -3,20 +3,22 @@
 python -m bench.static_profile            # JSON into bench/results/static_profile.json, tables on stdout
 python -m bench.static_profile --quick    # sm_90 only, one active count (a smoke run)
 
-Three parts:
+The JSON's parts:
 
-* **variants**: the launches of each benchmark op (bf16, R = 64, M = 4096 and the shapes below, 16 and 64
-  active) are made on ``meta`` tensors through ``bench.offline_triton`` (Triton's own binder and autotuner, a
-  CUDA target, nothing runs); every binary they would compile (every config of every autotuner) is built for
-  sm_90 and sm_80 with that specialisation, and ``bench.sass`` reads its registers, spills, shared memory,
-  occupancy and the instruction mix of its K loop.
-* **roofline**: the HBM bytes and FLOPs of each op's launch plan (each launcher counts its own, see
-  ``fed_plora.kernels._cost``; torch launches in between are counted from their operands), bound per launch
-  by ``max(flops / peak, bytes / bandwidth)`` scaled by ``min(1, programs / SMs)`` (a launch with fewer
-  programs than SMs cannot use the whole GPU), summed, and divided by the bound of the bare cuBLAS product.
-* **training run**: the binaries and tuning keys a Llama-7B training run with dynamic padding would compile
+* ``variants``: the launches of each benchmark op (bf16, R = 64, M = 4096 and the shapes below; none, 16 and 64
+  active; NF4 at M = 16 and 4096) are made on ``meta`` tensors through ``bench.offline_triton`` (Triton's own
+  binder and autotuner for a CUDA target, nothing runs); every binary they would compile on sm_90 and on sm_80
+  (every config the autotuner can pick there) is built with that specialisation, and ``bench.sass`` reads its
+  registers, spills, shared memory, occupancy and the instruction mix of its K loops.
+* ``roofline``, ``target_bounds``, ``forward_designs``: the HBM bytes and FLOPs of each op's launch plan (each
+  launcher counts its own, see ``fed_plora.kernels._cost``; torch launches in between are counted from their
+  operands), bound per launch by ``max(flops / peak, bytes / bandwidth)`` scaled by ``min(1, programs / SMs)``
+  (a launch with fewer programs than SMs cannot use the whole GPU), summed, and divided by the bound of the
+  reference (the bare cuBLAS product, the unfused path, the bf16 forward); for both forward designs.
+* ``nf4_issue_bounds``: the NF4 GEMM's instruction-issue time at M = 16 against its memory floor.
+* ``training_run``: the binaries and tuning keys a Llama-7B training run with dynamic padding would compile
   (every projection shape, M over every token bucket from 16 to 8192 with and without a multiple of 16,
-  1 to 64 of 64 modules active).
+  1 to 64 of 64 modules active, int64 and int32 indices).
 """
 
 from __future__ import annotations
