@@ -1,13 +1,13 @@
 """Triton kernels of the fused PLoRA linear op and their launchers.
 
-Three kernels are the products that ``formulas.py`` writes the forward and the backward with
-(which product computes which term is stated there, once):
+Three of the four products that ``formulas.py`` writes the forward and the backward with (which product
+computes which term is stated there, once; the fourth, ``gemm_lowrank``, has a module of its own):
 
 * ``shrink``: ``t = scale · X G_actᵀ``, a thin ``[M, P]`` product whose rows of ``G`` are gathered
-  through the active-index tensor;
-* ``gemm_with_slab``: ``Y = X Wᵀ + slab_scale · T G_act (+ bias)``, the main GEMM whose
-  accumulator is seeded by the low-rank slab;
-* ``reduce_over_m``: partial sums over row splits of ``Xᵀ T``.
+  through the active-index tensor (the NF4 op's forward, and dt when x needs no gradient);
+* ``gemm_with_slab``: ``Y = X Wᵀ + slab_scale · T G_act (+ bias)``, a GEMM whose accumulator is seeded by
+  the low-rank slab (with no module active, the plain GEMM);
+* ``reduce_over_m``: partial sums over row splits of ``Xᵀ T`` (dA, and dB when x needs no gradient).
 
 Each has a plain-torch reference of the same signature in ``naive.py``.
 
