@@ -1,5 +1,5 @@
-"""Finished run directories gathered into one benchmark record: per run its command, config, client summary
-and, per method, the evaluated metric by round with the final and best values.
+"""Finished run directories gathered into one benchmark record: per run its command, config, client summary,
+its table (``summary.json``) and, per method, the evaluated metric by round with the final and best values.
 
     python -m bench.run_records runs/a runs/b --what "..." --out bench/results/NAME-cpu.json
 """
@@ -35,8 +35,10 @@ def run_entry(directory: Path) -> dict:
             "train_loss": [r.get("train_loss") for r in mine],
             "agg_noise": [r.get("agg_noise") for r in mine],
         }
+    summary = directory / "summary.json"
     return {
         "run": directory.name,
+        "summary": json.loads(summary.read_text()) if summary.is_file() else None,
         "command": written.get("command", ""),
         "config": config,
         "clients": json.loads((directory / "clients.json").read_text()),

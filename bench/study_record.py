@@ -5,7 +5,9 @@ versions and the wall time of every cell, and counts, per setting and method, th
 at the majority class (within ``--majority-margin`` of the ``majority`` reference row of the same cell).
 
     python -m bench.study_record runs/studies/sst2-collapse --config configs/study_sst2_collapse.toml \
-        --command "fed-plora study --config configs/study_sst2_collapse.toml --data-dir ../shared/data"
+        --command "fed-plora study --config configs/study_sst2_collapse.toml --data-dir ../shared/data" \
+        --compare moderate-holders/fedplora,moderate/fedit
+``--compare A,B`` adds ``B − A`` paired by seed across settings, with its 95% interval.
 """
 
 from __future__ import annotations
@@ -16,7 +18,33 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+from fed_plora.fl.study_stats import mean_std, paired_difference
+
 from .common import RESULTS_DIR, environment
+
+
+def final_by_seed(rows: list[dict], cell: str) -> dict[int, float]:
+    """``{seed: final metric}`` of ``cell`` = ``"<setting>/<method>"``."""
+    setting, method = cell.split("/")
+    return {r["seed"]: r["final"] for r in rows if r["setting"] == setting and r["method"] == method}
+
+
+def compare(rows: list[dict], pair: str) -> dict:
+    """``pair`` = ``"A,B"`` (cells ``<setting>/<method>``): mean ± std of each over its seeds and ``B − A`` paired
+    by seed with its 95% interval, so that methods run in different settings of the same seeds (a method's
+    variant beside baselines that do not depend on it) can be compared as the report compares one setting."""
+    first, second = pair.split(",")
+    a, b = final_by_seed(rows, first), final_by_seed(rows, second)
+    if not a or not b:
+        raise SystemExit(f"--compare {pair}: no finished rows for {first if not a else second}")
+    d = paired_difference(b, a)
+    return {
+        "a": first,
+        "b": second,
+        "a_mean_std": mean_std(list(a.values())),
+        "b_mean_std": mean_std(list(b.values())),
+        "b_minus_a": {"n": d.n, "mean": d.mean, "std": d.std, "low": d.low, "high": d.high, "verdict": d.verdict},
+    }
 
 
 def majority_cells(rows: list[dict], margin: float) -> dict[str, dict[str, list[int]]]:
@@ -50,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="the study file the study ran from")
     parser.add_argument("--command", required=True, help="the command that ran it, as recorded")
     parser.add_argument("--majority-margin", type=float, default=0.02)
+    parser.add_argument(
+        "--compare", action="append", default=[], help="'SETTING/METHOD,SETTING/METHOD': B − A paired by seed (repeatable)"
+    )
     parser.add_argument("--out", type=Path, help="default: bench/results/study_<name>-<device>.json")
     args = parser.parse_args(argv)
     summary = json.loads((args.study_dir / "summary.json").read_text())
@@ -64,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "cell_wall_s": cell_wall_s(rows),
         "majority_margin": args.majority_margin,
         "final_at_majority": majority_cells(rows, args.majority_margin),
+        "compared": [compare(rows, pair) for pair in args.compare],
         "summary": summary,
         "rows": rows,
         "report_md": (args.study_dir / "report.md").read_text(),

@@ -141,7 +141,6 @@ ADDED = {
     "references.names": [],
     "methods.hetlora.prune_lambda": 0.0,
     "methods.flexlora.scale": "common",
-    "methods.fedplora.module_mean": "holders",
     "train.logit_adjustment": False,
 }
 

@@ -13,7 +13,7 @@ from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
 FOLD_MODES = ("merge", "exact")
 
 #: Over which clients the server averages a module (``FedPLoRAOptions.module_mean``).
-MODULE_MEANS = ("clients", "holders")
+MODULE_MEANS = ("holders", "clients")
 
 
 @dataclass
@@ -22,16 +22,17 @@ class FedPLoRAOptions:
 
     fold_mode: how a client folds the modules it does not train: "merge" into its base weight (the default),
     or "exact" (kept as frozen terms of the fused op, the base untouched).
-    module_mean: over which of the round's clients a module is averaged. "clients" (the default): all of
-    them, a client that did not train the module counting with the value it received (the module's FedAvg:
-    ``θ_j + Σ_{i holds j} p_i (θ_ij − θ_j)``, so that each client moves the model by its share ``p_i`` of the
-    round, as in ``Σ p_i ΔW_i``); "holders": only the clients that trained it, weights renormalised over them
+    module_mean: over which of the round's clients a module is averaged. "holders" (the default, the paper's
+    rule): only the clients that trained it, weights renormalised over them
     (``Σ_{i holds j} p_i θ_ij / Σ_{i holds j} p_i``), so that a module held by one client takes that client's
-    factors whole: a client alone on many modules moves the model by up to ``1 / p_i`` times its share.
+    factors whole (a client alone on many modules moves the model by up to ``1 / p_i`` times its share);
+    "clients": all of them, a client that did not train the module counting with the value it received (the
+    module's FedAvg, ``θ_j + Σ_{i holds j} p_i (θ_ij − θ_j)``: each client moves the model by its share ``p_i``
+    of the round, as in ``Σ p_i ΔW_i``).
     """
 
     fold_mode: str = "merge"
-    module_mean: str = "clients"
+    module_mean: str = "holders"
 
     def __post_init__(self) -> None:
         if self.fold_mode not in FOLD_MODES:

@@ -43,8 +43,8 @@ def two_clients_on_overlapping_modules():
     return g, [update(0, 1, a0, b0, [0, 1], 1.0), update(1, 3, a1, b1, [1, 2], 5.0)]
 
 
-def test_fedplora_averages_each_module_over_the_rounds_clients():
-    s = build_strategy("fedplora", global_adapter(), HEAD)
+def test_fedplora_clients_mean_averages_each_module_over_the_rounds_clients():
+    s = build_strategy("fedplora", global_adapter(), HEAD, module_mean="clients")
     g, updates = two_clients_on_overlapping_modules()
     s.aggregate(0, updates)
     a, b = s.adapter["layer"]
@@ -59,8 +59,8 @@ def test_fedplora_averages_each_module_over_the_rounds_clients():
     torch.testing.assert_close(s.extra["head.weight"], torch.full((2, 2), 4.0))  # FedAvg over all clients
 
 
-def test_fedplora_holders_mean_renormalises_over_the_modules_trainers():
-    s = build_strategy("fedplora", global_adapter(), HEAD, module_mean="holders")
+def test_fedplora_averages_each_module_over_its_trainers_by_default():
+    s = build_strategy("fedplora", global_adapter(), HEAD)
     g, updates = two_clients_on_overlapping_modules()
     s.aggregate(0, updates)
     a, b = s.adapter["layer"]
@@ -72,12 +72,12 @@ def test_fedplora_holders_mean_renormalises_over_the_modules_trainers():
     torch.testing.assert_close(b[:, 3], g.b[:, 3])
 
 
-def test_fedplora_moves_a_module_by_its_trainers_share_of_the_round():
-    """A small client alone on a module moves it by its share of the round, not by its whole update: the
-    aggregated update stays near the round's ideal ``Σ p_i ΔW_i`` (with the holder-only mean, a module held by
-    one client of weight 1/100 took that client's factors whole, 100 times its share)."""
+def test_fedplora_clients_mean_moves_a_module_by_its_trainers_share_of_the_round():
+    """With ``module_mean = "clients"`` a small client alone on a module moves it by its share of the round, not
+    by its whole update: the aggregated update is the round's ideal ``Σ p_i ΔW_i`` (with the holder-only mean, a
+    module held by one client of weight 1/100 takes that client's factors whole, 100 times its share)."""
     zero_b = {"layer": Factors(global_adapter()["layer"].a, torch.zeros(N, R))}
-    s = build_strategy("fedplora", zero_b, HEAD)
+    s = build_strategy("fedplora", zero_b, HEAD, module_mean="clients")
     g = s.adapter["layer"]
     small_a, small_b = g.a.clone(), g.b.clone()
     small_b[:, 0] = 1.0  # the small client trained module 0 only
@@ -91,8 +91,9 @@ def test_fedplora_moves_a_module_by_its_trainers_share_of_the_round():
     torch.testing.assert_close(s.adapter["layer"].b[:, 0], torch.full((N,), 0.01))
 
 
-def test_fedplora_equals_fedavg_of_factors_when_every_client_trains_every_module():
-    s = build_strategy("fedplora", global_adapter(), HEAD)
+@pytest.mark.parametrize("module_mean", ["holders", "clients"])
+def test_fedplora_equals_fedavg_of_factors_when_every_client_trains_every_module(module_mean):
+    s = build_strategy("fedplora", global_adapter(), HEAD, module_mean=module_mean)
     fedit = build_strategy("fedit", global_adapter(), HEAD, client_rank=R)
     a0, b0 = filled(1.0, 2.0)
     a1, b1 = filled(3.0, -1.0)
@@ -104,12 +105,12 @@ def test_fedplora_equals_fedavg_of_factors_when_every_client_trains_every_module
 
 
 def test_fedplora_uniform_weights():
-    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform", module_mean="holders")
+    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform")
     a0, b0 = filled(1.0, 1.0)
     a1, b1 = filled(3.0, 3.0)
     s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 9, a1, b1, [1])])
     torch.testing.assert_close(s.adapter["layer"].a[1], torch.full((K,), 3.0))  # (2 + 4) / 2
-    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform")
+    s = build_strategy("fedplora", global_adapter(), HEAD, weighting="uniform", module_mean="clients")
     s.aggregate(0, [update(0, 1, a0, b0, [0, 1]), update(1, 9, a1, b1, [1])])
     torch.testing.assert_close(s.adapter["layer"].a[0], (torch.full((K,), 1.0) + global_adapter()["layer"].a[0]) / 2)
 

@@ -254,7 +254,9 @@ def test_logit_adjustment_keeps_a_one_class_client_from_pushing_the_model_to_its
     for adjust in (False, True):
         torch.manual_seed(0)
         model = _Classifier()
-        train_local(model, features, steps=40, batch_size=20, lr=0.05, weight_decay=0.0, seed=1, pad_id=0, logit_adjustment=adjust)
+        train_local(
+            model, features, steps=40, batch_size=20, lr=0.05, weight_decay=0.0, seed=1, pad_id=0, logit_adjustment=adjust
+        )
         with torch.no_grad():
             shares[adjust] = float((model(probe).logits.argmax(-1) == 0).float().mean())
     assert shares[False] > 0.95
