@@ -40,6 +40,8 @@ def test_cosine_schedule_runs_from_lr_to_lr_min_over_the_rounds():
         ('references.names=["oracle"]', "references.names"),
         ("methods.hetlora.prune_lambda=-1", "prune_lambda"),
         ('methods.flexlora.scale="alpha"', "scale"),
+        ('methods.fedplora.module_mean="all"', "module_mean"),
+        ("train.logit_adjustment=1", "train.logit_adjustment"),
     ],
 )
 def test_bad_training_settings_are_refused_naming_the_field(override, field):
