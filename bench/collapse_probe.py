@@ -36,8 +36,8 @@ from fed_plora.fl.client import fit, fit_settings
 from fed_plora.fl.config import load_config
 from fed_plora.fl.data.tokenize import collate
 from fed_plora.fl.device import pick_device, precision
-from fed_plora.fl.experiment import _tokenizer, build_federation
-from fed_plora.fl.model import load_model, write_adapter
+from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.model import load_model, load_tokenizer, write_adapter
 from fed_plora.fl.rounds import ClientResult
 from fed_plora.fl.server import FederatedServer
 from fed_plora.fl.strategies.lowrank import Factors, concat, merged, squared_norm
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     config.validate()
     device = pick_device(config.run.device)
     base_dtype, autocast_dtype = precision(config.model.precision, device)
-    tokenizer = _tokenizer(config)
+    tokenizer = load_tokenizer(config.model.name)
     fed = build_federation(config, tokenizer)
     start = time.perf_counter()
     result = {
