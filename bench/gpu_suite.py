@@ -1,4 +1,4 @@
-"""One-shot GPU check and benchmark (issue 13, part 0): correctness on CUDA, then the fused op, the fold, the
+"""One-shot GPU check and benchmark: correctness on CUDA, then the fused op, the fold, the
 NF4 forward, a training step and the main federated command, each beside its reference and its target.
 
     python -m bench.gpu_suite                      # one H100/H200, about 6 minutes: JSON and log into $OUT

@@ -1,5 +1,5 @@
-"""Cost accounting: traffic from the tensors actually sent, and FLOP estimates (the noise measures of
-DESIGN.md §1 are in ``noise``)."""
+"""Cost accounting: traffic from the tensors actually sent, and FLOP estimates (the noise measures
+are in ``noise``)."""
 
 from __future__ import annotations
 

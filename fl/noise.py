@@ -1,5 +1,5 @@
-"""The two noise measures of DESIGN.md §1, from factors (``strategies.lowrank``): nothing ``[N, K]`` is formed,
-and layers are measured one at a time."""
+"""The two noise measures of a round, initialisation and aggregation (docs/runs.md), from factors
+(``strategies.lowrank``): nothing ``[N, K]`` is formed, and layers are measured one at a time."""
 
 from __future__ import annotations
 

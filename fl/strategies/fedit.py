@@ -1,4 +1,4 @@
-"""FedIT: homogeneous LoRA FedAvg (DESIGN.md §1 baselines)."""
+"""FedIT: homogeneous LoRA FedAvg (docs/fl.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fed-PLoRA: Select-N-Fold on the clients, per-module averaging on the server (DESIGN.md §1)."""
+"""Fed-PLoRA: Select-N-Fold on the clients, per-module averaging on the server (docs/fl.md, docs/collapse.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FlexLoRA: average full products, SVD, give each client the top components (DESIGN.md §1)."""
+"""FlexLoRA: average full products, SVD, give each client the top components (docs/fl.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FLoRA: stack the clients' modules, merge the stack into the base, restart LoRA each round (DESIGN.md §1)."""
+"""FLoRA: stack the clients' modules, merge the stack into the base, restart LoRA each round (Wang et al.; docs/fl.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HetLoRA: truncate, zero-pad, weight by update norm, optional rank self-pruning (DESIGN.md §1)."""
+"""HetLoRA: truncate, zero-pad, weight by update norm, optional rank self-pruning (Cho et al.; docs/fl.md)."""
 
 from __future__ import annotations
 

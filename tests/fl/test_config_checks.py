@@ -1,4 +1,4 @@
-"""Config values are checked when the config is loaded (issue 12, item 5): one error naming the field, its
+"""Config values are checked when the config is loaded: one error naming the field, its
 value and what is allowed; a run whose every client failed exits non-zero."""
 
 import dataclasses

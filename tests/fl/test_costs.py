@@ -1,4 +1,4 @@
-"""Traffic, FLOP estimates and the noise measures of DESIGN.md §1, on hand-made tensors and factors."""
+"""Traffic, FLOP estimates and the two noise measures, on hand-made tensors and factors."""
 
 import math
 

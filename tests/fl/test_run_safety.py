@@ -1,4 +1,4 @@
-"""A run is data (issue 12, items 4, 6, 7, 10): a new run never destroys an old one and checks everything
+"""A run is data: a new run never destroys an old one and checks everything
 before it writes; paths from files stay in the run directory; checkpoints and the run's manifest carry
 checksums, and a resume refuses a damaged, changed or mismatched run without changing it; JSON is standard
 and every JSON error names its file. Each test plants the fault and checks the error and that nothing

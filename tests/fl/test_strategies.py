@@ -1,4 +1,4 @@
-"""Aggregation rules of every strategy (DESIGN.md §1) on small hand-made tensors."""
+"""Aggregation rules of every strategy on small hand-made tensors."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Studies (issue 15, item 1): the statistics against hand-computed values, the report from made-up rows, and
+"""Studies: the statistics against hand-computed values, the report from made-up rows, and
 a tiny study of 2 settings × 2 seeds × 2 methods end to end: typos refused before anything runs, an
 interrupted and a failed cell resumed without re-running finished ones (same results as straight through),
 a changed setting refused naming the cell, two worker processes giving the same results as one."""

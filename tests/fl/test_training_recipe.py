@@ -1,5 +1,5 @@
-"""Issue 15: local training (schedules, warm-up, SGD), the baselines as their authors run them, the
-reference rows, and Fed-PLoRA = FedIT when every client holds the full rank."""
+"""Local training (schedules, warm-up, SGD), the baselines as their authors run them, the
+reference rows, the logit-adjusted loss, and Fed-PLoRA = FedIT when every client holds the full rank."""
 
 from __future__ import annotations
 

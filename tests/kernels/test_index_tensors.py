@@ -1,5 +1,5 @@
 """Index tensors (``active``, the folds' ``indices``): any strides, validated as they really are, and a
-broken promise cannot make a kernel read or write out of bounds (issue 12).
+broken promise cannot make a kernel read or write out of bounds.
 
 A non-contiguous view means exactly the values it shows: every op gives bit-identical results with a
 strided view and with its contiguous copy, although the slots the view skips hold out-of-range values

@@ -1,4 +1,4 @@
-"""A library call that fails leaves the model as it was (DESIGN.md §5, issue 12): every test plants a fault,
+"""A library call that fails leaves the model as it was: every test plants a fault,
 checks the clear error, and compares the model's full state (state_dict and every buffer, module
 structure, requires_grad, every PLoRA layer's selection state) before and after."""
 
