@@ -40,14 +40,14 @@ from fed_plora.fl.experiment import build_federation
 from fed_plora.fl.model import load_model, load_tokenizer, write_adapter
 from fed_plora.fl.rounds import ClientResult
 from fed_plora.fl.server import FederatedServer
-from fed_plora.fl.strategies.lowrank import Factors, concat, merged, squared_norm
+from fed_plora.fl.strategies.lowrank import Factors, merged, squared_distance, squared_norm
 
 from .common import environment
 
 
 def adapter_distance(new: dict[str, Factors], old: dict[str, Factors]) -> float:
-    """``‖Σ_layers (new − old)‖_F`` over all layers, from factors."""
-    return math.sqrt(sum(squared_norm(concat([(1.0, new[n]), (-1.0, old[n])])) for n in new))
+    """``‖new − old‖_F`` over all layers together, from factors."""
+    return math.sqrt(sum(squared_distance(new[n], old[n]) for n in new))
 
 
 def adapter_norm(adapter: dict[str, Factors]) -> float:
@@ -100,12 +100,12 @@ def evaluate_parts(server: FederatedServer, start_extra: dict[str, torch.Tensor]
     return out
 
 
-def probe_method(config, method, fed, tokenizer, device, base_dtype, autocast_dtype, eval_every: int, on_round) -> list[dict]:
-    """One method's rounds with the measurements of the module docstring; ``on_round(rows)`` after every round."""
+def probe_method(config, method, fed, tokenizer, device, base_dtype, autocast_dtype, eval_every, positive, on_round):
+    """One method's rounds with the measurements of the module docstring (``positive``: every client's share of
+    positive labels); ``on_round(rows)`` after every round."""
     model = load_model(config.model.name, fed.task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
     server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype)
     rows = []
-    positive = [sum(fed.train[i]["labels"] for i in shard) / len(shard) for shard in fed.shards]
     while server.rounds_done < config.federation.rounds:
         planned = server.plan_round()
         old_adapter = {n: Factors(f.a.clone(), f.b.clone()) for n, f in server.strategy.global_adapter().items()}
@@ -250,13 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(config.model.name)
     fed = build_federation(config, tokenizer)
     start = time.perf_counter()
+    positive = [sum(fed.train[i]["labels"] for i in shard) / len(shard) for shard in fed.shards]
     result = {
         "benchmark": "collapse_probe",
         "command": "python -m bench.collapse_probe " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(),
         "config": config.to_dict(),
         "client_ranks": fed.ranks,
-        "client_positive_share": [sum(fed.train[i]["labels"] for i in s) / len(s) for s in fed.shards],
+        "client_positive_share": positive,
         "client_examples": [len(s) for s in fed.shards],
         "methods": {},
     }
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     for method in args.methods:
-        settings = (config, method, fed, tokenizer, device, base_dtype, autocast_dtype, args.eval_every)
+        settings = (config, method, fed, tokenizer, device, base_dtype, autocast_dtype, args.eval_every, positive)
         probe_method(*settings, lambda rows, m=method: save(rows, m))
     if args.plot:
         plot(result, Path(args.plot))

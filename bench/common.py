@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +28,15 @@ def bench_device() -> torch.device:
     return torch.device("cuda" if on_gpu() else "cpu")
 
 
+def commit() -> str | None:
+    """The checkout's HEAD commit, or None outside a git checkout (a copied tree, no git)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def environment() -> dict:
     """Device and versions, recorded with every result."""
     import triton
@@ -39,6 +49,7 @@ def environment() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "host": platform.node(),
         "cpu": platform.processor() or platform.machine(),
+        "commit": commit(),
     }
     if on_gpu():
         props = torch.cuda.get_device_properties(0)

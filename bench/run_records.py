@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 from fed_plora.fl.config import Config
@@ -52,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--what", required=True, help="what the runs measure, stored with them")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    record = {"what": args.what, "environment": environment(), "commit": commit, "runs": [run_entry(d) for d in args.runs]}
+    record = {"what": args.what, "environment": environment(), "runs": [run_entry(d) for d in args.runs]}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,20 +47,19 @@ def compare(rows: list[dict], pair: str) -> dict:
 
 
 def majority_cells(rows: list[dict], margin: float) -> dict[str, dict[str, list[int]]]:
-    """Per setting and method, the seeds whose final metric is within ``margin`` of that cell's majority row
-    (settings without a majority row are judged against the majority row of a setting with the same seed
-    and partition, i.e. any: the majority class of a dev set does not depend on the federation)."""
-    majority = {(r["setting"], r["seed"]): r["final"] for r in rows if r["method"] == "majority"}
-    by_seed = {seed: value for (_, seed), value in majority.items()}
-    found: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    """Per setting and federated method, the seeds whose final metric is within ``margin`` of the majority
+    class's. The majority row of a seed serves every setting of that seed (a setting that runs no reference
+    rows has the same training data, hence the same majority class, as one that does)."""
+    majority = {r["seed"]: r["final"] for r in rows if r["method"] == "majority"}
+    found: dict[str, dict[str, list[int]]] = defaultdict(dict)
     for r in rows:
         if r["kind"] != "federated":
             continue
-        floor = majority.get((r["setting"], r["seed"]), by_seed.get(r["seed"]))
-        found[r["setting"]][r["method"]]  # every method listed, with or without such a seed
+        seeds = found[r["setting"]].setdefault(r["method"], [])
+        floor = majority.get(r["seed"])
         if floor is not None and r["final"] is not None and r["final"] <= floor + margin:
-            found[r["setting"]][r["method"]].append(r["seed"])
-    return {s: dict(m) for s, m in found.items()}
+            seeds.append(r["seed"])
+    return dict(found)
 
 
 def cell_wall_s(rows: list[dict]) -> dict[str, float]:
@@ -86,12 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = json.loads((args.study_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (args.study_dir / "results.jsonl").read_text().splitlines() if line.strip()]
     env = environment()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     record = {
         "command": args.command,
         "study_config": args.config,
         "environment": env,
-        "commit": commit,
         "cell_wall_s": cell_wall_s(rows),
         "majority_margin": args.majority_margin,
         "final_at_majority": majority_cells(rows, args.majority_margin),

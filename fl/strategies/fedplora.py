@@ -86,9 +86,10 @@ class FedPLoRA(Strategy):
                 module_w = torch.where(seen, module_w / coverage.clamp_min(1e-300), 0.0)
                 kept = (~seen).double()  # the old value stays only where no client trained the module
             else:
-                kept = torch.where(mask.bool().all(0), 0.0, 1.0 - coverage)  # the weight that left module j as received
+                # the weight that left module j as received (exactly 0 where every client trained it)
+                kept = torch.where(mask.bool().all(0), 0.0, (1.0 - coverage).clamp_min(0.0))
             module_w = module_w.to(torch.float32).to(a.device)
-            kept = kept.clamp_min(0.0).to(torch.float32).to(a.device)
+            kept = kept.to(torch.float32).to(a.device)
             new_a = kept[:, None] * a.float() + sum(w[:, None] * u.adapter[name].a.float() for w, u in zip(module_w, updates))
             new_b = kept[None, :] * b.float() + sum(w[None, :] * u.adapter[name].b.float() for w, u in zip(module_w, updates))
             self.adapter[name] = Factors(new_a.to(a.dtype), new_b.to(b.dtype))
