@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from fed_plora.fl.client import fit, fit_settings
 from fed_plora.fl.config import load_config
 from fed_plora.fl.data.tokenize import collate
 from fed_plora.fl.device import pick_device, precision
-from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.federation import build_federation
 from fed_plora.fl.model import load_model, load_tokenizer, write_adapter
-from fed_plora.fl.rounds import ClientResult
-from fed_plora.fl.server import FederatedServer
+from fed_plora.fl.rounds.client import fit, fit_settings
+from fed_plora.fl.rounds.run_server import RunServer
+from fed_plora.fl.rounds.server import ClientResult
 from fed_plora.fl.strategies.lowrank import Factors, merged, squared_distance, squared_norm
 
 from .common import environment
@@ -82,7 +82,7 @@ def margin_summary(margins: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-def evaluate_parts(server: FederatedServer, start_extra: dict[str, torch.Tensor], pad_id: int) -> dict:
+def evaluate_parts(server: RunServer, start_extra: dict[str, torch.Tensor], pad_id: int) -> dict:
     """The global model's margins; the same with a zero adapter (head alone) and with the round's starting
     head (adapter alone)."""
     strategy, model, features = server.strategy, server.model, server.fed.eval
@@ -104,7 +104,7 @@ def probe_method(config, method, fed, tokenizer, device, base_dtype, autocast_dt
     """One method's rounds with the measurements of the module docstring (``positive``: every client's share of
     positive labels); ``on_round(rows)`` after every round."""
     model = load_model(config.model.name, fed.task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
-    server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype)
+    server = RunServer(config, method, fed, model, tokenizer, autocast_dtype)
     rows = []
     while server.rounds_done < config.federation.rounds:
         planned = server.plan_round()

@@ -29,7 +29,7 @@ import time
 import torch
 
 from bench.common import format_table, write_result
-from fed_plora.fl.noise import initialisation_noise, round_aggregation_noise
+from fed_plora.fl.measures.noise import initialisation_noise, round_aggregation_noise
 from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
 
 LLAMA_7B_BLOCK = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -73,7 +73,7 @@ def strategy_for(method: str, start):
 
 
 def factor_round(method: str, start, updates) -> None:
-    """The server's round as it is (``fl.server``): ``aggregate`` and both noise measures from factors."""
+    """The server's round as it is (``fl.rounds.run_server``): ``aggregate`` and both noise measures from factors."""
     strategy = strategy_for(method, start)
     before = {n: strategy.global_factors(n) for n in start}
     for update in updates:

@@ -17,7 +17,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from fed_plora.fl.study_stats import mean_std, paired_difference
+from fed_plora.fl.study.stats import mean_std, paired_difference
 
 from .common import RESULTS_DIR, environment
 

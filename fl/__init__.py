@@ -1,42 +1,43 @@
-"""Federated simulation of Fed-PLoRA and its baselines: data, partitions, strategies, costs, runs.
+"""Federated fine-tuning of Fed-PLoRA and its baselines: runs, studies, and the parts they are built from.
 
-- ``run_experiment`` / ``resume_experiment``: a whole run from a ``Config`` (``load_config``), as
-  ``fed-plora run`` / ``fed-plora resume`` do it;
-- ``load_study`` / ``run_study`` / ``write_report``: a grid of settings × seeds (``fed-plora study``);
-- ``run_reference``: a reference row (untrained, majority, centralised, local-only);
-- ``simulate``: one method's rounds with the clients in this process;
-- ``Server``: any strategy's rounds wherever its clients train (``FederatedServer``: a run's, with
-  evaluation and costs); ``initial_adapter``: a run's starting adapter, for a strategy of one's own;
-- ``fl.strategies``: the methods (``FedPLoRA``, ``FedIT``, ``FLoRA``, ``HetLoRA``, ``FlexLoRA``);
-  ``fl.flower``: the same on Flower.
+The run and study API (``fed-plora run`` / ``resume`` / ``study`` do exactly this):
+
+- ``load_config`` → ``Config``; ``run_experiment`` / ``resume_experiment``: a whole run directory;
+- ``load_study`` → ``run_study`` → ``write_report``: a grid of settings × seeds.
+
+The map, from the bottom up (a module imports only from the rows above it or its own package):
+
+- ``storage``: crash-safe files and checksums; ``device``: device and precision;
+- ``data``: tasks, their files or Hub datasets, partitions over clients, tokenisation, metrics;
+- ``strategies``: the methods on plain tensors, one file each, and their registry;
+- ``config``: the run configuration, each field with its rule;
+- ``model``: the backbone, PLoRA injected, adapter values in and out;
+- ``measures``: traffic, FLOPs, noise, evaluation, memory;
+- ``federation``: a run's data, client shards and rank budgets (what every transport shares);
+- ``rounds``: one method's rounds wherever clients train (``Server``, ``RunServer``, client ``fit``,
+  the schedule, checks, checkpoints, ``simulate``);
+- ``run``: one run directory (``run_experiment``, the directory's checks, reference rows, report);
+- ``study``: a grid of runs and its report;
+- ``flower``: the same rounds with clients on Flower nodes; ``cli``: the ``fed-plora`` command.
 """
 
 from .config import Config, ConfigError, load_config
-from .experiment import RunDirectoryError, RunFailed, resume_experiment, run_experiment
-from .model import initial_adapter
-from .references import run_reference
-from .rounds import Server
-from .server import FederatedServer
-from .simulator import simulate
-from .study import run_study
-from .study_config import StudyError, load_study
-from .study_report import write_report
+from .run.experiment import RunFailed, resume_experiment, run_experiment
+from .run.rundir import RunDirectoryError
+from .study.config import StudyError, load_study
+from .study.report import write_report
+from .study.runner import run_study
 
 __all__ = [
     "Config",
     "ConfigError",
-    "FederatedServer",
     "RunDirectoryError",
     "RunFailed",
-    "Server",
     "StudyError",
-    "initial_adapter",
     "load_config",
     "load_study",
     "resume_experiment",
     "run_experiment",
-    "run_reference",
     "run_study",
-    "simulate",
     "write_report",
 ]

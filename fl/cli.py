@@ -13,9 +13,9 @@ import argparse
 import shlex
 import sys
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, load_config, toml_literal
 from .data import TASKS, DataError
+from .rounds.checkpoint import CheckpointError
 from .storage import FileFormatError
 from .strategies import STRATEGIES
 
@@ -85,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    from .experiment import RunDirectoryError, RunFailed
+    from .run.experiment import RunFailed
+    from .run.rundir import RunDirectoryError
 
     try:
         return _run(args, argv)
@@ -104,7 +105,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "study":
         return _study(args)
     if args.command == "resume":
-        from .experiment import resume_experiment
+        from .run.experiment import resume_experiment
 
         directory, table = resume_experiment(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir)
         print(f"\n{table}\n\nrun directory: {directory} (resumed)")
@@ -118,7 +119,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         config = load_config(args.config, overrides + args.set)
     except (KeyError, TypeError, ValueError) as error:  # unknown keys, a value for a table, a bad value
         raise ConfigError(error.args[0] if error.args else str(error)) from None
-    from .experiment import run_experiment  # heavy imports only when running
+    from .run.experiment import run_experiment  # heavy imports only when running
 
     directory, table = run_experiment(config, command, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
@@ -127,9 +128,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     """``fed-plora study``: 0 when every cell run now finished, 1 when some failed (the report marks them)."""
-    from .study import check_recorded, run_study
-    from .study_config import StudyError, load_study
-    from .study_report import write_report
+    from .study.cells import check_recorded
+    from .study.config import StudyError, load_study
+    from .study.report import write_report
+    from .study.runner import run_study
 
     def listed(text: str | None, kind):
         try:

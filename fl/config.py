@@ -11,6 +11,7 @@ an integer is accepted (as a float) where a float is expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import tomllib
 
 from .data.custom import METRICS as CUSTOM_METRICS
 from .data.tasks import CUSTOM, TASKS
+from .storage import NONFINITE, finite_json
 from .strategies import STRATEGIES
 
 
@@ -87,7 +89,7 @@ class TrainSection:
     local_steps: int | None = 10  # local steps per client and round ...
     local_epochs: float | None = None  # ... or epochs over the client's data (set local_steps = 0)
     batch_size: int = 16
-    group_by_length: bool = False  # batches of examples of similar length (less padding; fl.client.pass_order)
+    group_by_length: bool = False  # batches of examples of similar length (less padding; fl.rounds.client.pass_order)
     lr: float = 1e-3  # peak learning rate (round 1, after warm-up)
     lr_schedule: str = "cosine"  # over rounds: constant | cosine (lr to lr_min by the last round, as FlowerTune)
     lr_min: float = 0.0  # the cosine schedule's last-round learning rate
@@ -95,7 +97,7 @@ class TrainSection:
     optimizer: str = "adamw"  # adamw | sgd (fresh every round, as clients hold no optimizer state)
     momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
-    logit_adjustment: bool = False  # classification: train on logits + log(client's label prior) (fl.client.log_prior)
+    logit_adjustment: bool = False  # classification: train on logits + log(client's label prior) (fl.rounds.client.log_prior)
     eval_every: int = 1  # rounds; the last round is always evaluated
     eval_batch_size: int = 64
 
@@ -111,13 +113,13 @@ MethodsSection = dataclasses.make_dataclass(
     ],
 )
 
-#: The reference rows a run can add (``fl.references``).
+#: The reference rows a run can add (``fl.run.references``).
 REFERENCES = ("untrained", "majority", "centralised", "local")
 
 
 @dataclass
 class ReferencesSection:
-    """``[references]``: the reference rows a run adds to its table (``fl.references``), in order; unset
+    """``[references]``: the reference rows a run adds to its table (``fl.run.references``), in order; unset
     (None): every one that applies to the task (``majority`` only to classification)."""
 
     names: list[str] | None = None
@@ -200,10 +202,6 @@ class Config:
         for problem in _cross_checks(self):
             raise ConfigError(f"{origin}: {problem}")
         return self
-
-
-#: The non-finite floats as ``config.json`` (standard JSON) writes them (see ``fl.storage``).
-NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 @dataclass(frozen=True)
@@ -462,9 +460,11 @@ def _cross_checks(config: Config):
     yield from _task_checks(task)
     if task.max_train_examples is not None and task.max_train_examples < fed.clients:
         yield f"task.max_train_examples = {task.max_train_examples}: fewer than federation.clients = {fed.clients}"
-    rank = config.methods.fedit.client_rank
-    if rank is not None and rank > model.rank:
-        yield f"methods.fedit.client_rank = {rank}: must lie in [1, model.rank = {model.rank}]"
+    for name in STRATEGIES:
+        try:
+            getattr(config.methods, name).check_run(model.rank)
+        except ValueError as error:
+            yield f"methods.{name}.{error}"
 
 
 #: The fields of a task of the user's own files (``task.name = "custom"``), by the kind that reads them (None: both).
@@ -569,11 +569,57 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def toml_literal(value) -> str:
-    """A TOML literal for a value (strings quoted, booleans lower-case, lists element-wise)."""
+    """The TOML literal of a value a config holds (what ``load_config``'s overrides parse back to it):
+    strings as basic strings with every control character escaped, booleans lower-case, non-finite floats
+    as ``nan``/``inf``, lists element-wise; ``ConfigError`` for anything else (a date, a table)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are TOML's
     if isinstance(value, list):
         return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise ConfigError(f"{value!r} ({type(value).__name__}): not a value a run config holds")
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    """Nested tables as dotted keys: ``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}``."""
+    out = {}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+#: What ``config_differences`` reports for a field one side lacks.
+ABSENT = "<absent>"
+
+
+def config_differences(recorded: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """``(field, recorded value, given value)`` for every dotted field where two config contents differ (as
+    ``config.json`` holds them: ``Config.to_dict`` in standard JSON, plus any top-level key of its own such as
+    ``command``), both read as ``Config.from_dict`` reads them, so that a field added since reads as what the
+    older config ran; a content that does not read is compared as it is. Fields in ``ignore`` are skipped."""
+    ours, theirs = flatten(_as_read(recorded)), flatten(_as_read(given))
+    keys = sorted(set(ours) | set(theirs))
+    return [
+        (k, ours.get(k, ABSENT), theirs.get(k, ABSENT))
+        for k in keys
+        if k not in ignore and ours.get(k, ABSENT) != theirs.get(k, ABSENT)
+    ]
+
+
+def _as_read(content: dict) -> dict:
+    """A config content with every field, as ``Config.from_dict`` reads it (unchanged when it cannot)."""
+    sections = {f.name for f in dataclasses.fields(Config)}
+    try:
+        config = Config.from_dict({k: v for k, v in content.items() if k in sections})
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return content
+    return {**finite_json(config.to_dict()), **{k: v for k, v in content.items() if k not in sections}}

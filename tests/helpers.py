@@ -19,10 +19,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from fed_plora.fl.checkpoint import load_checkpoint
 from fed_plora.fl.config import load_config
 from fed_plora.fl.data import DATA_DIR_ENV
-from fed_plora.fl.experiment import run_experiment
+from fed_plora.fl.rounds.checkpoint import load_checkpoint
+from fed_plora.fl.run.experiment import run_experiment
 from fed_plora.fl.storage import read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
-from fed_plora.fl import Config, initial_adapter, load_config
+from fed_plora.fl import Config, load_config
 from fed_plora.fl.flower import FlowerStrategy
+from fed_plora.fl.model import initial_adapter
 from fed_plora.fl.strategies import FedPLoRA
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .custom import custom_examples, custom_task
 from .metrics import score
+from .partition import split_off
 from .sources import DATA_DIR_ENV, SPLITS, DataError, hub_rows, local_rows
 from .tasks import CUSTOM, TASKS, TaskSpec, get_task
 
@@ -47,16 +46,6 @@ def task_examples(section, task: TaskSpec, split: str) -> list[dict]:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return custom_examples(section, task, split)
     return load_examples(task.name, split, section.data_dir)
-
-
-def split_off(examples: list, count: int, rng: np.random.Generator) -> tuple[list, list]:
-    """``(rest, held)``: ``count`` examples drawn by ``rng`` (without replacement) and the others, both in
-    their original order. The one way a split is carved out of another (``task.eval_split = "train_holdout"``,
-    the eval split of a user's train file without an eval file)."""
-    if not 1 <= count < len(examples):
-        raise ValueError(f"cannot hold out {count} of {len(examples)} examples")
-    held = set(rng.choice(len(examples), size=count, replace=False).tolist())
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
 __all__ = [

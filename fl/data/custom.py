@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .partition import split_off
 from .sources import DataError, _json, _lines, json_lines
 from .tasks import CUSTOM, TaskSpec
 
@@ -74,8 +75,6 @@ def custom_examples(section, task: TaskSpec, split: str) -> list[dict]:
             f"{path}: {len(examples)} example(s), too few to hold out task.eval_fraction = {section.eval_fraction} "
             "as the eval split (set task.eval_file)"
         )
-    from . import split_off
-
     rest, held = split_off(examples, count, np.random.default_rng(EVAL_SEED))
     return rest if split == "train" else held
 

@@ -2,7 +2,7 @@
 
 A train message carries the run's config and the client's plan (``wire``); the node loads the task's
 data and keeps its own shard (the same partition as the simulator's, from the run seed), loads the
-backbone once per method and runs ``fl.client.fit`` exactly as the simulator does (folding as the plan
+backbone once per method and runs ``fl.rounds.client.fit`` exactly as the simulator does (folding as the plan
 says). Node config keys:
 ``partition-id`` (required: which client this node is) and ``data-dir`` (optional: where this machine
 keeps the task data; otherwise the run config's ``task.data_dir``, ``$FED_PLORA_DATA`` or the Hub).
@@ -24,11 +24,11 @@ from flwr.clientapp import ClientApp
 
 from fed_plora import plora
 
-from ..client import fit, fit_settings
 from ..config import Config
 from ..device import pick_device, precision
-from ..experiment import build_federation
+from ..federation import build_federation
 from ..model import inject_configured, load_model, load_tokenizer, read_adapter
+from ..rounds.client import fit, fit_settings
 from ..strategies import Adapter, Factors, strategy_class
 from .strategy import PARTITION_KEY
 from .wire import from_arrays, read_request, to_arrays, update_content

@@ -22,8 +22,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import Config, load_config, toml_literal
-from ..experiment import run_experiment
-from ..server import FederatedServer
+from ..rounds.run_server import RunServer
+from ..run.experiment import run_experiment
 from .strategy import REPLY_TIMEOUT, FlowerStrategy, Nodes
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,12 @@ def run_on_flower(
 
 
 def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float, reply_timeout: float = REPLY_TIMEOUT) -> Callable:
-    """A ``rounds`` driver for ``run_experiment`` (the signature of ``fl.simulator.simulate``) whose
+    """A ``rounds`` driver for ``run_experiment`` (the signature of ``fl.rounds.simulate``) whose
     clients train on ``grid``'s nodes; its methods share one ``Nodes``."""
     run_nodes: list[Nodes] = []  # the run's nodes, made for its first method
 
     def rounds(config, method, fed, model, tokenizer, autocast_dtype, on_round, *, resume=None, on_checkpoint=lambda c: None):
-        server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
+        server = RunServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
         if not run_nodes:
             run_nodes.append(Nodes(config.federation.clients))
         strategy = FlowerStrategy(

@@ -6,12 +6,12 @@ for the round's plans and addresses each to the SuperNode holding that client's 
 are asked for their ``partition-id`` when first seen); ``aggregate_train`` turns the replies back into
 updates (a missing reply, an error reply or a malformed upload drops that client) and lets the server finish
 the round: validation, aggregation, the record (with the bytes of the Flower messages) and a checkpoint.
-No client evaluation round is configured: ``fed-plora``'s runs evaluate on the server (``FederatedServer``);
+No client evaluation round is configured: ``fed-plora``'s runs evaluate on the server (``RunServer``);
 a ServerApp of one's own may pass Flower's ``evaluate_fn`` to ``start``.
 
 What the server trusts (docs/flower.md, "What the Flower server trusts"): a node's ``partition-id`` is taken
 once, first come first served, and only when it names a client of the run; every claim of a reply is
-checked against the server's own records (``fl.validate``); a node that misses a deadline is marked
+checked against the server's own records (``fl.rounds.validate``); a node that misses a deadline is marked
 unresponsive and no longer waited for.
 """
 
@@ -27,13 +27,13 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy as FlowerBaseStrategy
 
-from ..checkpoint import Checkpoint
 from ..config import Config
-from ..experiment import build_federation, client_ranks
+from ..federation import build_federation, client_ranks
 from ..model import load_tokenizer
-from ..rounds import ClientResult, RoundPlan, Server
+from ..rounds.checkpoint import Checkpoint
+from ..rounds.server import ClientResult, RoundPlan, Server
+from ..rounds.validate import RejectedUpdate, update_from_upload
 from ..strategies import ClientPlan, Strategy
-from ..validate import RejectedUpdate, update_from_upload
 from .wire import message_bytes, plan_content, read_reply, to_arrays
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class FlowerStrategy(FlowerBaseStrategy):
             drawn as in any run, update norm bound), ``[train]`` (the local steps a client takes) and
             ``run.seed``; the config also travels in every train message, and ``fl.flower.client_app``
             builds its model, data and training from it. Or a ``fl.rounds.Server`` already driving one
-            (then without ``config``): ``fed-plora``'s runs pass their ``FederatedServer``, which also
+            (then without ``config``): ``fed-plora``'s runs pass their ``RunServer``, which also
             evaluates and measures.
         client_sizes: with a strategy, every client's data size, the weights of data-size averaging (a
             reply claiming another size is rejected); default: the sizes of the config's partition, built
@@ -356,6 +356,6 @@ def collect_replies(grid: Grid, messages: Iterable[Message], timeout: float | No
 
 def partition_sizes(config: Config) -> list[int]:
     """Every client's data size under ``config``: the sizes of the run's partition, built as every client
-    builds it (``fl.experiment.build_federation``)."""
+    builds it (``fl.federation.build_federation``)."""
     fed = build_federation(config, load_tokenizer(config.model.name))
     return [len(shard) for shard in fed.shards]

@@ -15,8 +15,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from ..client import TrainStats
 from ..config import Config
+from ..rounds.client import TrainStats
 from ..strategies import Adapter, ClientPlan, ClientUpdate, Strategy
 
 #: Tensor dtypes that travel exactly (through numpy).
@@ -86,7 +86,15 @@ class TrainRequest:
         extra = {n[len("extra.") :]: t for n, t in download.items() if n.startswith("extra.")}
         adapter = strategy.client_adapter(download, self.init, template)
         return ClientPlan(
-            self.client, adapter, trained, extra, download, init=self.init, fold_mode=self.fold_mode, local=self.local
+            strategy.name,
+            self.client,
+            adapter,
+            trained,
+            extra,
+            download,
+            init=self.init,
+            fold_mode=self.fold_mode,
+            local=self.local,
         )
 
 

@@ -1,27 +1,24 @@
 """Server strategies, one module per method, all on plain tensors (see ``base`` for the interface).
 
 Each method's options are a dataclass, ``<Strategy>.Options``: keywords of its constructor and the table
-``[methods.<name>]`` of a run config (``Strategy.from_config``).
+``[methods.<name>]`` of a run config (``Strategy.for_run``). A method is one module that registers its
+class (``registry.register``) and one import line below.
 """
 
 from __future__ import annotations
 
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
-from .fedit import FedIT
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy
+from .registry import STRATEGIES, register, strategy_class
+
+# isort: off
+# Each method's module registers it; the order of these lines is the order of a run's table.
 from .fedplora import FedPLoRA
-from .flexlora import FlexLoRA
+from .fedit import FedIT
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .flexlora import FlexLoRA
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (FedPLoRA, FedIT, FLoRA, HetLoRA, FlexLoRA)}
-
-
-def strategy_class(name: str) -> type[Strategy]:
-    """The strategy called ``name`` (fedplora, fedit, flora, hetlora, flexlora)."""
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(STRATEGIES)}") from None
+# isort: on
 
 
 def build_strategy(name: str, adapter: Adapter, extra: dict, weighting: str = "data", seed: int = 0, **options) -> Strategy:
@@ -41,8 +38,10 @@ __all__ = [
     "FedPLoRA",
     "FlexLoRA",
     "HetLoRA",
+    "MethodOptions",
     "RoundResult",
     "Strategy",
     "build_strategy",
+    "register",
     "strategy_class",
 ]

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .lowrank import Factors, concat
-
-if TYPE_CHECKING:
-    from ..config import Config
-
 
 Adapter = dict[str, Factors]
 
@@ -39,11 +35,11 @@ class ClientPlan:
     init: JSON-able values that, with ``download``, let a remote client rebuild ``adapter`` (see
     ``Strategy.client_adapter``; FLoRA: the seed of its fresh modules);
     fold_mode: how the client folds the modules it does not train (``plora.select_and_fold``'s mode);
-    local: JSON-able settings of the client's local training that the method sets (see ``fl.client.fit``):
-    ``scale``, a multiplier of every layer's scale while the client trains (FlexLoRA's ``α/r_i``), and
-    ``tail_penalty``, ``[start, stop, weight]`` of HetLoRA's regulariser on the modules ``[start, stop)``.
+    local: JSON-able settings of the client's local training that the method sets and alone reads (its
+    ``local_scale`` and ``local_penalty``), empty for plain fine-tuning.
     """
 
+    method: str
     client: int
     adapter: Adapter
     trained: dict[str, torch.Tensor]
@@ -90,8 +86,19 @@ class RoundResult:
 
 
 @dataclass
-class NoOptions:
-    """The options of a method that has none."""
+class MethodOptions:
+    """The options of a method (none here): the table ``[methods.<name>]`` of a run config. A method's own
+    subclass adds its fields, checks each in ``__post_init__`` (``ValueError`` naming the field), and overrides
+    the two hooks below where an option depends on the run."""
+
+    def check_run(self, global_rank: int) -> None:
+        """``ValueError`` when an option does not fit a run of global rank ``global_rank``, its message starting
+        with the option's name (``client_rank = 32: must lie in [1, model.rank = 16]``)."""
+
+    def for_clients(self, client_ranks: Sequence[int]) -> MethodOptions:
+        """The options a run with these client rank budgets uses: an unset option that depends on the
+        federation resolved (FedIT's ``client_rank``); the options themselves by default."""
+        return self
 
 
 class Strategy(ABC):
@@ -108,7 +115,7 @@ class Strategy(ABC):
 
     name: str = ""
     #: The dataclass of the method's own options: the table ``[methods.<name>]`` of a run config.
-    Options: type = NoOptions
+    Options: type[MethodOptions] = MethodOptions
 
     def __init__(self, adapter: Adapter, extra: dict[str, torch.Tensor], weighting: str = "data", seed: int = 0, **options):
         known = [f.name for f in dataclasses.fields(self.Options)]
@@ -127,13 +134,18 @@ class Strategy(ABC):
         self.rank = first.a.shape[0]
 
     @classmethod
-    def from_config(
-        cls, config: Config, adapter: Adapter, extra: dict[str, torch.Tensor], client_ranks: Sequence[int]
+    def for_run(
+        cls,
+        adapter: Adapter,
+        extra: dict[str, torch.Tensor],
+        weighting: str,
+        seed: int,
+        options: MethodOptions,
+        client_ranks: Sequence[int],
     ) -> Strategy:
-        """The method as a run ``config`` sets it up: its weighting and seed, and the table
-        ``config.methods.<name>`` of options; ``client_ranks``: every client's rank budget."""
-        options = dataclasses.asdict(getattr(config.methods, cls.name))
-        return cls(adapter, extra, config.federation.weighting, config.run.seed, **options)
+        """The method as a run sets it up: its ``options`` (a run config's table) resolved for the clients'
+        rank budgets ``client_ranks`` (``MethodOptions.for_clients``)."""
+        return cls(adapter, extra, weighting, seed, **dataclasses.asdict(options.for_clients(client_ranks)))
 
     @property
     def fold_mode(self) -> str:
@@ -205,6 +217,18 @@ class Strategy(ABC):
         a remote client merges into its frozen base before training; none by default."""
         return {}
 
+    @classmethod
+    def local_scale(cls, local: dict) -> float:
+        """The multiplier of every layer's scale while a client trains under a plan's ``local`` settings
+        (1: the run's scale)."""
+        return 1.0
+
+    @classmethod
+    def local_penalty(cls, local: dict, layers: dict[str, nn.Module]) -> Callable[[], torch.Tensor] | None:
+        """A regulariser added to every local step's loss under a plan's ``local`` settings, over the model's
+        PLoRA ``layers`` by name; None: the task's loss alone."""
+        return None
+
     # shared helpers -----------------------------------------------------------------------------
 
     def client_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
@@ -244,7 +268,9 @@ class Strategy(ABC):
         """A ``ClientPlan`` carrying the global head and the method's fold mode; ``download`` gets the head added."""
         extra = {n: t.clone() for n, t in self.extra.items()}
         download = {**download, **{f"extra.{n}": t for n, t in extra.items()}}
-        return ClientPlan(client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode, local or {})
+        return ClientPlan(
+            self.name, client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode, local or {}
+        )
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

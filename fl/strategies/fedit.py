@@ -5,18 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-import torch
-
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
-
-if TYPE_CHECKING:
-    from ..config import Config
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, weighted_sum
+from .registry import register
 
 
 @dataclass
-class FedITOptions:
+class FedITOptions(MethodOptions):
     """``[methods.fedit]``: ``client_rank``, the rank every client trains (in ``[1, R]``); unset (None) in a
     run config: the smallest client budget."""
 
@@ -27,7 +22,16 @@ class FedITOptions:
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"client_rank must be a positive integer or unset, got {rank!r}")
 
+    def check_run(self, global_rank: int) -> None:
+        if self.client_rank is not None and self.client_rank > global_rank:
+            raise ValueError(f"client_rank = {self.client_rank}: must lie in [1, model.rank = {global_rank}]")
 
+    def for_clients(self, client_ranks: Sequence[int]) -> FedITOptions:
+        """Unset ``client_rank``: the smallest client budget, so that every client can afford it."""
+        return self if self.client_rank is not None else dataclasses.replace(self, client_rank=min(client_ranks))
+
+
+@register
 class FedIT(Strategy):
     """Every client trains the same rank ``client_rank`` (from a run config, the smallest budget by
     default, so that every client can afford it); ``A`` and ``B`` are averaged separately (data-size or
@@ -41,12 +45,6 @@ class FedIT(Strategy):
         rank = self.options.client_rank
         if rank is None or rank > self.rank:
             raise ValueError(f"fedit client_rank must lie in [1, {self.rank}], got {rank}")
-
-    @classmethod
-    def from_config(cls, config: Config, adapter: Adapter, extra: dict[str, torch.Tensor], client_ranks: Sequence[int]) -> FedIT:
-        """As ``Strategy.from_config``; ``client_rank`` unset: the smallest of ``client_ranks``."""
-        options = dataclasses.replace(config.methods.fedit, client_rank=config.methods.fedit.client_rank or min(client_ranks))
-        return cls(adapter, extra, config.federation.weighting, config.run.seed, **dataclasses.asdict(options))
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         return self.truncated_plan(client, self.options.client_rank)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy
+from .registry import register
 
 #: How a client may fold the modules it does not train (``plora.select_and_fold``).
 FOLD_MODES = ("merge", "exact")
@@ -17,7 +18,7 @@ MODULE_MEANS = ("holders", "clients")
 
 
 @dataclass
-class FedPLoRAOptions:
+class FedPLoRAOptions(MethodOptions):
     """``[methods.fedplora]``.
 
     fold_mode: how a client folds the modules it does not train: "merge" into its base weight (the default),
@@ -54,6 +55,7 @@ def select_modules(rank: int, total: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=generator)[:rank].sort().values
 
 
+@register
 class FedPLoRA(Strategy):
     """Every client receives all ``R`` modules, trains ``r_i`` of them drawn at random (one draw for all
     layers) and folds the rest; the server averages each module (weights by data size or uniform) over the

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..costs import qr_flops, svd_flops
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, stacked
-from .lowrank import orthonormal_complement, top_components
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, stacked
+from .lowrank import orthonormal_complement, qr_flops, svd_flops, top_components
+from .registry import register
 
 #: How a FlexLoRA client scales its modules (``[methods.flexlora] scale``).
 SCALES = ("common", "rank")
 
 
 @dataclass
-class FlexLoRAOptions:
+class FlexLoRAOptions(MethodOptions):
     """``[methods.flexlora]``: ``scale``, "common" (every client's update is ``s · B A`` with the run's
     ``s = α/R``, as for every other method; the default) or "rank" (a client of rank ``r_i`` scales by
     ``α/r_i``, as PEFT does for ``LoraConfig(r=r_i, lora_alpha=α)`` and FlexLoRA's reference code runs it)."""
@@ -27,6 +27,7 @@ class FlexLoRAOptions:
             raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
 
 
+@register
 class FlexLoRA(Strategy):
     """The server keeps ``ΔW = Σ p_i B_i A_i`` per layer exactly, as stacked factors, takes its SVD ``U Σ Vᵀ``
     and keeps the top ``R`` components as ``B = U Σ``, ``A = Vᵀ``; a client of rank ``r_i`` gets the top
@@ -68,6 +69,11 @@ class FlexLoRA(Strategy):
     def multiplier(self, rank: int) -> float:
         """A rank-``rank`` client's scale over the common one: ``R / rank`` with ``scale = "rank"``, else 1."""
         return self.rank / rank if self.options.scale == "rank" else 1.0
+
+    @classmethod
+    def local_scale(cls, local: dict) -> float:
+        """``local["scale"]``: the client's ``multiplier`` (set only with ``scale = "rank"``)."""
+        return float(local.get("scale", 1.0))
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         multiplier = self.multiplier(rank)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..costs import product_flops
 from .base import Adapter, ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, first_modules, stacked
+from .lowrank import product_flops
+from .registry import register
 
 
+@register
 class FLoRA(Strategy):
     """Each round every client starts new rank-``r_i`` modules of its own (``A`` Kaiming-uniform as LoRA,
     seeded by the round and the client, as the reference code draws a fresh PEFT adapter per client;

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..costs import gram_flops
-from .base import ClientPlan, ClientUpdate, Factors, RoundResult, Strategy, weighted_sum
-from .lowrank import squared_norm
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, weighted_sum
+from .lowrank import gram_flops, squared_norm
+from .registry import register
 
 
 @dataclass
-class HetLoRAOptions:
+class HetLoRAOptions(MethodOptions):
     """``[methods.hetlora]``: ``prune_gamma`` in (0, 1) turns rank self-pruning on (unset, None: off), with
     ``prune_lambda`` (>= 0) the weight of the local regulariser on the tail modules that pruning would cut."""
 
@@ -28,6 +30,7 @@ class HetLoRAOptions:
             raise ValueError(f"prune_lambda must be a finite number >= 0, got {weight!r}")
 
 
+@register
 class HetLoRA(Strategy):
     """A client of rank ``r_i`` receives the global adapter's first ``r_i`` modules; its return is
     zero-padded to ``R``; per layer, clients are weighted by ``‖B_i A_i‖_F`` (normalised; data-size or
@@ -62,6 +65,23 @@ class HetLoRA(Strategy):
         keep = self._kept(r)
         local = {"tail_penalty": [keep, r, self.options.prune_lambda]} if keep < r and self.options.prune_lambda else None
         return self.truncated_plan(client, r, local)
+
+    @classmethod
+    def local_penalty(cls, local: dict, layers: dict[str, nn.Module]) -> Callable[[], torch.Tensor] | None:
+        """The rank regulariser when the plan sets ``local["tail_penalty"] = [start, stop, weight]``:
+        ``weight · Σ_layers ‖B[:, start:stop]‖_F · ‖A[start:stop]‖_F``, the modules ``[start, stop)`` being
+        the tail that self-pruning would cut."""
+        if "tail_penalty" not in local:
+            return None
+        start, stop, weight = local["tail_penalty"]
+
+        def penalty() -> torch.Tensor:
+            return weight * sum(
+                torch.linalg.vector_norm(layer.lora_b[:, start:stop]) * torch.linalg.vector_norm(layer.lora_a[start:stop])
+                for layer in layers.values()
+            )
+
+        return penalty
 
     def _kept(self, rank: int) -> int:
         """The rank a client of rank ``rank`` would prune to (``rank`` itself when pruning is off)."""

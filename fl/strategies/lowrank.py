@@ -149,3 +149,26 @@ def orthonormal_complement(rows: torch.Tensor, count: int, generator: torch.Gene
         draw = draw - rows.T @ (rows @ draw)
     q, _ = torch.linalg.qr(draw)
     return q.T
+
+
+def product_flops(n: int, k: int, rank: int) -> float:
+    """FLOPs of forming ``B A`` with ``B [n, rank]``, ``A [rank, k]``: ``2 n k rank``."""
+    return 2.0 * n * k * rank
+
+
+def svd_flops(m: int, n: int) -> float:
+    """Thin SVD (``U``, ``Σ``, ``V``) of an ``m × n`` matrix: the cheaper of Golub–Reinsch
+    (``14 m n² + 8 n³``) and R-SVD (``6 m n² + 20 n³``), with ``m ≥ n`` (Golub & Van Loan, table 5.4.1)."""
+    m, n = max(m, n), min(m, n)
+    return float(min(14 * m * n**2 + 8 * n**3, 6 * m * n**2 + 20 * n**3))
+
+
+def qr_flops(m: int, n: int) -> float:
+    """Householder thin QR of an ``m × n`` matrix: ``2 m n² − 2 n³ / 3`` with ``m ≥ n`` (Golub & Van Loan, 5.2.2)."""
+    m, n = max(m, n), min(m, n)
+    return 2.0 * m * n**2 - 2.0 * n**3 / 3.0
+
+
+def gram_flops(n: int, k: int, rank: int) -> float:
+    """FLOPs of ``‖B A‖_F`` from Gram matrices, ``B [n, rank]``, ``A [rank, k]``: ``2 (n + k) rank²``."""
+    return 2.0 * (n + k) * rank**2

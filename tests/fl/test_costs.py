@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from fed_plora.fl.costs import fold_flops, gram_flops, payload_bytes, qr_flops, svd_flops, training_flops
-from fed_plora.fl.noise import aggregation_noise, initialisation_noise
+from fed_plora.fl.measures.costs import fold_flops, payload_bytes, training_flops
+from fed_plora.fl.measures.noise import aggregation_noise, initialisation_noise
 from fed_plora.fl.strategies import Factors
+from fed_plora.fl.strategies.lowrank import gram_flops, qr_flops, svd_flops
 
 
 def test_payload_bytes_count_the_tensors_sent():

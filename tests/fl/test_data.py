@@ -8,8 +8,8 @@ from helpers import DATA, needs_data
 
 from fed_plora.fl.data import DATA_DIR_ENV, TASKS, DataError, load_examples, resolve_data_dir
 from fed_plora.fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
+from fed_plora.fl.data.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
 from fed_plora.fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
-from fed_plora.fl.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
 
 EXPECTED = {  # (train rows, eval rows) of the offline copies
     "cola": (8551, 527),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import needs_data, tiny_config
 
-from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.federation import build_federation
 from fed_plora.fl.model import load_model, load_tokenizer
-from fed_plora.fl.simulator import simulate
+from fed_plora.fl.rounds.simulate import simulate
+from fed_plora.fl.rounds.validate import RejectedUpdate, validate_update
 from fed_plora.fl.strategies import ClientPlan, ClientUpdate, Factors
-from fed_plora.fl.validate import RejectedUpdate, validate_update
 
 pytestmark = needs_data
 
@@ -24,7 +24,7 @@ def _plan_and_update():
     adapter = {"q": Factors(torch.randn(4, 6), torch.randn(5, 4))}
     trained = {"q": torch.tensor([1, 3])}
     extra = {"head.weight": torch.randn(2, 5)}
-    plan = ClientPlan(0, adapter, trained, extra, {})
+    plan = ClientPlan("fedplora", 0, adapter, trained, extra, {})
     a, b = adapter["q"].a.clone(), adapter["q"].b.clone()
     a[trained["q"]] += 0.1
     b[:, trained["q"]] -= 0.1
@@ -86,7 +86,7 @@ class FaultyClients:
     """Wraps ``fit``: the ``i``-th call (in round and client order) suffers ``faults[i]``, if any."""
 
     def __init__(self, faults):
-        from fed_plora.fl.client import fit
+        from fed_plora.fl.rounds.client import fit
 
         self.fit, self.faults, self.calls = fit, faults, 0
 
@@ -141,7 +141,7 @@ def _run(tiny_models, tmp_path, method, faults, rounds, *overrides):
 
 def test_planted_faults_are_logged_and_rounds_complete(tiny_models, tmp_path, caplog):
     faults = {0: "raise", 1: "nan", 3: "inf", 4: "shape", 5: "extra", 8: "huge"}
-    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.rounds"):
+    with caplog.at_level(logging.WARNING, logger="fed_plora.fl.rounds.server"):
         records, checkpoints = _run(tiny_models, tmp_path, "fedplora", faults, 3)
     assert [r["round"] for r in records] == [1, 2, 3] and all("eval_matthews" in r for r in records)
     logged = [(f["client"], f["stage"], f["reason"]) for r in records for f in r["faults"]]
@@ -158,7 +158,7 @@ def test_planted_faults_are_logged_and_rounds_complete(tiny_models, tmp_path, ca
     assert "non-finite values (NaN)" in reasons[1] and "non-finite values (Inf)" in reasons[2]
     assert "got (4, 31)" in reasons[3] and "unexpected ['bert.pooler.dense.weight']" in reasons[4]
     assert "exceeds the bound" in reasons[5]
-    ours = [r.getMessage() for r in caplog.records if r.name == "fed_plora.fl.rounds"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "fed_plora.fl.rounds.server"]
     assert len(ours) == 6 and ours[0] == "fedplora round 1: client 0 dropped: RuntimeError: CUDA out of memory (planted)"
     # Round 1 aggregates client 2 alone; round 2 has no valid update: the global state stays as it was.
     assert len(records[0]["ranks"]) == 1 and math.isfinite(records[0]["train_loss"])

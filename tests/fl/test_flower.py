@@ -1,7 +1,7 @@
 """The Flower path (``fl.flower``): the same rounds as the in-process simulator, bit for bit.
 
 - Under Flower's simulation engine (Ray), 2 rounds with 3 clients of a tiny model: every method's global
-  adapter and every logged number equal ``fl.simulator``'s for the same seed and client sampling.
+  adapter and every logged number equal ``fl.rounds.simulate``'s for the same seed and client sampling.
 - In-process (a Grid that hands messages straight to the ClientApp): faults on the wire (an error
   reply, a malformed upload, no reply) drop the client with the reason logged; the run goes on.
 - The Flower App's run config is the main config, field for field.
@@ -28,13 +28,14 @@ from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fed_plora.fl import Server, load_config  # noqa: E402
-from fed_plora.fl.checkpoint import load_checkpoint  # noqa: E402
+from fed_plora.fl import load_config  # noqa: E402
 from fed_plora.fl.flower import FlowerStrategy, config_from_run_config, run_on_flower  # noqa: E402
 from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
 from fed_plora.fl.flower.server_app import TIMEOUTS  # noqa: E402
 from fed_plora.fl.flower.strategy import Nodes  # noqa: E402
 from fed_plora.fl.flower.wire import from_arrays, to_arrays  # noqa: E402
+from fed_plora.fl.rounds.checkpoint import load_checkpoint  # noqa: E402
+from fed_plora.fl.rounds.server import Server  # noqa: E402
 from fed_plora.fl.storage import read_jsonl  # noqa: E402
 from fed_plora.fl.strategies import STRATEGIES, Factors, FedPLoRA  # noqa: E402
 

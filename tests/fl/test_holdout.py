@@ -10,7 +10,7 @@ from helpers import needs_data, simulated, tiny_config
 
 from fed_plora.fl.config import ConfigError, load_config
 from fed_plora.fl.data import split_off
-from fed_plora.fl.experiment import _federation
+from fed_plora.fl.federation import federation_and_fingerprint
 
 TRAIN_ROWS = 60
 
@@ -45,7 +45,7 @@ def texts(features, tokenizer) -> set[str]:
 
 def test_the_holdout_is_disjoint_from_training_and_the_dev_split_is_not_read(cola_train_only, tokenizer):
     cfg = config(cola_train_only, 'task.eval_split="train_holdout"', "task.holdout_examples=12")
-    fed, fingerprint = _federation(cfg, tokenizer)
+    fed, fingerprint = federation_and_fingerprint(cfg, tokenizer)
     train, held = texts(fed.train, tokenizer), texts(fed.eval, tokenizer)
     assert len(train) == TRAIN_ROWS - 12 and len(held) == 12
     assert not train & held
@@ -54,7 +54,7 @@ def test_the_holdout_is_disjoint_from_training_and_the_dev_split_is_not_read(col
     assert fingerprint["eval_split"] == "train_holdout"
     assert sorted(i for s in fed.shards for i in s) == list(range(TRAIN_ROWS - 12))  # only the rest is partitioned
     with pytest.raises(FileNotFoundError, match="in_domain_dev.tsv"):  # the dev split: there is none here
-        _federation(config(cola_train_only), tokenizer)
+        federation_and_fingerprint(config(cola_train_only), tokenizer)
 
 
 def test_the_holdout_is_drawn_by_the_seed(cola_train_only, tokenizer):
@@ -62,7 +62,7 @@ def test_the_holdout_is_drawn_by_the_seed(cola_train_only, tokenizer):
         cfg = config(
             cola_train_only, 'task.eval_split="train_holdout"', "task.holdout_examples=10", f"run.seed={seed}", *overrides
         )
-        fed, fingerprint = _federation(cfg, tokenizer)
+        fed, fingerprint = federation_and_fingerprint(cfg, tokenizer)
         return texts(fed.eval, tokenizer), fingerprint
 
     assert held(0) == held(0)
@@ -97,8 +97,8 @@ def test_bad_values_name_the_field(override, field):
 def test_a_holdout_must_leave_a_training_example_per_client(cola_train_only, tokenizer, holdout):
     cfg = config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={holdout}")
     with pytest.raises(ConfigError, match=r"task\.holdout_examples = \d+: too many .*federation\.clients = 3"):
-        _federation(cfg, tokenizer)
-    _federation(config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={TRAIN_ROWS - 3}"), tokenizer)
+        federation_and_fingerprint(cfg, tokenizer)
+    federation_and_fingerprint(config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={TRAIN_ROWS - 3}"), tokenizer)
 
 
 def test_split_off():

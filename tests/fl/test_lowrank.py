@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fed_plora.fl.noise import aggregation_noise, initialisation_noise
+from fed_plora.fl.measures.noise import aggregation_noise, initialisation_noise
 from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
 from fed_plora.fl.strategies.lowrank import (
     concat,
@@ -159,7 +159,7 @@ def test_hetlora_weights_equal_the_dense_norm_weights():
 
 ROUND_ON_A_LARGE_LAYER = """
 import json, resource, sys, torch
-from fed_plora.fl.noise import initialisation_noise, round_aggregation_noise
+from fed_plora.fl.measures.noise import initialisation_noise, round_aggregation_noise
 from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
 torch.set_num_threads(1)
 n = k = int(sys.argv[1]); rank = 16

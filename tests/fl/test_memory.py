@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import needs_data, tiny_config
 
-from fed_plora.fl.experiment import build_federation
+from fed_plora.fl.federation import build_federation
 from fed_plora.fl.model import load_model, load_tokenizer
-from fed_plora.fl.simulator import simulate
+from fed_plora.fl.rounds.simulate import simulate
 
 pytestmark = needs_data
 

@@ -5,8 +5,8 @@ update it came from; a malformed upload is rejected with a reason."""
 import pytest
 import torch
 
+from fed_plora.fl.rounds.validate import RejectedUpdate, update_from_upload, validate_update
 from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
-from fed_plora.fl.validate import RejectedUpdate, update_from_upload, validate_update
 
 R, K, N = 4, 5, 3
 LAYERS = ("l0", "l1")

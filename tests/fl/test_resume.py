@@ -14,8 +14,8 @@ from helpers import DATA, needs_data, stable, tiny_config
 from safetensors.torch import load_file
 
 from fed_plora.fl import resume_experiment, run_experiment
-from fed_plora.fl.checkpoint import capture_rng, restore_rng
 from fed_plora.fl.config import REFERENCES
+from fed_plora.fl.rounds.checkpoint import capture_rng, restore_rng
 from fed_plora.fl.storage import append_jsonl, read_jsonl
 from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
 
@@ -26,7 +26,7 @@ DRIVER = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-from fed_plora.fl import client
+from fed_plora.fl.rounds import client
 from fed_plora.fl.cli import main
 stop_at, marker = int(sys.argv[1]), sys.argv[2]
 train, calls = client.train_local, [0]

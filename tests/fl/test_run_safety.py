@@ -15,11 +15,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fed_plora.fl import resume_experiment, run_experiment
-from fed_plora.fl.checkpoint import Checkpoint, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
 from fed_plora.fl.cli import main
 from fed_plora.fl.config import ConfigError
-from fed_plora.fl.experiment import RunDirectoryError
-from fed_plora.fl.report import RunWriter
+from fed_plora.fl.rounds.checkpoint import Checkpoint, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
+from fed_plora.fl.run.report import RunWriter
+from fed_plora.fl.run.rundir import RunDirectoryError
 from fed_plora.fl.storage import FileFormatError, digest_json, read_jsonl, sha256_bytes
 
 

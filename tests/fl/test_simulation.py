@@ -11,10 +11,11 @@ from helpers import DATA, needs_data, stable, tiny_config
 
 from fed_plora.fl.cli import main
 from fed_plora.fl.config import load_config
-from fed_plora.fl.costs import WIRE_BYTES
-from fed_plora.fl.experiment import build_federation, run_experiment
+from fed_plora.fl.federation import build_federation
+from fed_plora.fl.measures.costs import WIRE_BYTES
 from fed_plora.fl.model import load_model, load_tokenizer
-from fed_plora.fl.simulator import simulate
+from fed_plora.fl.rounds.simulate import simulate
+from fed_plora.fl.run.experiment import run_experiment
 from fed_plora.fl.strategies import STRATEGIES
 
 pytestmark = needs_data

@@ -11,15 +11,16 @@ import pytest
 import torch
 from helpers import DATA, REPO_ROOT, needs_data
 
-from fed_plora.fl import client, experiment, report
 from fed_plora.fl.cli import main
 from fed_plora.fl.config import Config
-from fed_plora.fl.report import MB
+from fed_plora.fl.rounds import client
+from fed_plora.fl.run import experiment, report
+from fed_plora.fl.run.report import MB
 from fed_plora.fl.storage import read_json, read_jsonl
-from fed_plora.fl.study import run_study
-from fed_plora.fl.study_config import StudyError, load_study
-from fed_plora.fl.study_report import markdown, summarise
-from fed_plora.fl.study_stats import mean_std, paired_difference, t_quantile
+from fed_plora.fl.study.config import StudyError, load_study
+from fed_plora.fl.study.report import markdown, summarise
+from fed_plora.fl.study.runner import run_study
+from fed_plora.fl.study.stats import mean_std, paired_difference, t_quantile
 
 # ---------------------------------------------------------------- statistics
 
@@ -141,7 +142,7 @@ def _row(setting, seed, method, final, best, kind="federated", curve=None):
 
 
 def test_report_from_rows(tmp_path):
-    from fed_plora.fl.study_plots import plot_curves, plot_metric, plot_traffic
+    from fed_plora.fl.study.plots import plot_curves, plot_metric, plot_traffic
 
     study = load_study(_study_file(tmp_path, "[settings.a]\n[settings.b]\n'federation.partition' = 'iid'\n"))
     rows = []

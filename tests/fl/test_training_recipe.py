@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import read_jsonl, simulated, tiny_config
 
-from fed_plora.fl.checkpoint import load_checkpoint
-from fed_plora.fl.client import log_prior, round_lr, train_local
 from fed_plora.fl.config import ConfigError, load_config
+from fed_plora.fl.rounds.checkpoint import load_checkpoint
+from fed_plora.fl.rounds.client import log_prior, train_local
+from fed_plora.fl.rounds.schedule import round_lr
 from fed_plora.fl.strategies import Factors, build_strategy
 from fed_plora.fl.strategies.base import ClientUpdate
 
@@ -173,7 +174,7 @@ def test_reference_rows_are_recorded_checkpointed_and_not_rerun(tiny_models, tmp
     summary = (directory / "summary.md").read_text()
     assert all(name in summary for name in by)
     stamp = (directory / "checkpoints" / "centralised.json").stat().st_mtime_ns
-    from fed_plora.fl.experiment import resume_experiment
+    from fed_plora.fl.run.experiment import resume_experiment
 
     resume_experiment(directory, progress=False)
     assert (directory / "checkpoints" / "centralised.json").stat().st_mtime_ns == stamp
@@ -181,7 +182,7 @@ def test_reference_rows_are_recorded_checkpointed_and_not_rerun(tiny_models, tmp
 
 
 def test_a_run_whose_targets_hit_a_module_trained_in_full_is_refused_before_writing(tiny_models, tmp_path):
-    from fed_plora.fl.experiment import run_experiment
+    from fed_plora.fl.run.experiment import run_experiment
 
     config = tiny_config(
         tiny_models, tmp_path, 'model.target_modules=["dense"]', 'model.extra_trainable=["bert.pooler", "classifier"]'
@@ -193,7 +194,7 @@ def test_a_run_whose_targets_hit_a_module_trained_in_full_is_refused_before_writ
 
 
 def test_length_grouped_passes_cover_every_example_once_in_batches_of_similar_length():
-    from fed_plora.fl.client import pass_order
+    from fed_plora.fl.rounds.client import pass_order
 
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 60, (1003,), generator=generator).tolist()

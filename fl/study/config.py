@@ -8,13 +8,12 @@ nested tables (``[settings.x.federation] rounds = 5``); ``[common]`` holds overr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomllib
 
-from .config import Config, ConfigError, is_plain_name, load_config
+from ..config import Config, ConfigError, flatten, is_plain_name, load_config, toml_literal
 
 #: Fields the study sets for every cell (a setting may not).
 STUDY_FIELDS = ("run.seed", "run.name", "run.out_dir")
@@ -60,33 +59,6 @@ class Study:
 
     def cell(self, setting: str, seed: int) -> Cell:
         return next(c for c in self.cells if c.setting == setting and c.seed == seed)
-
-
-def flatten(table: dict, prefix: str = "") -> dict:
-    """Nested tables as dotted keys: ``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}``."""
-    out = {}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-def literal(value) -> str:
-    """A TOML literal of a TOML value (what ``load_config`` overrides parse)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(literal(v) for v in value) + "]"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    raise StudyError(f"{value!r} ({type(value).__name__}): not a value a run config holds")
 
 
 def _problem(message: str, path: Path) -> StudyError:
@@ -168,11 +140,11 @@ def _head(head, path: Path) -> Study:
 
 def _cell_config(study: Study, setting: str, seed: int, overrides: dict) -> Config:
     try:
-        items = [f"{key}={literal(value)}" for key, value in overrides.items()]
+        items = [f"{key}={toml_literal(value)}" for key, value in overrides.items()]
         items += [
             f"run.seed={seed}",
-            f"run.name={literal(f'seed{seed}')}",
-            f"run.out_dir={literal(str(study.directory / setting))}",
+            f"run.name={toml_literal(f'seed{seed}')}",
+            f"run.out_dir={toml_literal(str(study.directory / setting))}",
         ]
         return load_config(study.base, items)
     except (ConfigError, KeyError, TypeError, ValueError) as error:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .study_stats import mean_std
+from .stats import mean_std
 
 
 def _pyplot():

@@ -1,6 +1,6 @@
 """The federated simulation of one method: one base model in memory, the clients in turn on it.
 
-Per round the server (``FederatedServer``) samples and configures the clients; each client then loads
+Per round the server (``RunServer``) samples and configures the clients; each client then loads
 its plan's adapter into the shared model, Select-N-Folds (``pristine``, so that ``unfold`` restores
 the base bit-exactly before the next client), trains locally and reads back; the server validates,
 aggregates, evaluates and hands out a checkpoint.
@@ -10,30 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from ..config import Config
+from ..federation import Federation
 from .checkpoint import Checkpoint
 from .client import fit, fit_settings
-from .config import Config
-from .data import TaskSpec
-from .rounds import ClientResult
-from .server import FederatedServer
-
-
-@dataclass
-class Federation:
-    """The data side of a run, shared by every method: tokenised features, client shards and ranks."""
-
-    task: TaskSpec
-    train: list[dict]
-    eval: list[dict]
-    shards: list[list[int]]
-    ranks: list[int]
-
-    def client_features(self, client: int) -> list[dict]:
-        return [self.train[i] for i in self.shards[client]]
+from .run_server import RunServer
+from .server import ClientResult
 
 
 def simulate(
@@ -57,7 +42,7 @@ def simulate(
     A client whose fit raises is dropped from the round, an update that fails validation is rejected;
     both are listed in the record's ``faults``.
     """
-    server = FederatedServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
+    server = RunServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
     while server.rounds_done < config.federation.rounds:
         planned = server.plan_round()
         results = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .storage import append_jsonl, atomic_write, atomic_write_json, write_jsonl
+from ..storage import append_jsonl, atomic_write, atomic_write_json, write_jsonl
 
 #: Bytes per MiB, for the table and plots.
 MB = 2**20

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .data import TaskSpec, score
-from .data.tokenize import collate
-from .device import precision_context
+from ..data import TaskSpec, score
+from ..data.tokenize import collate
+from ..device import precision_context
 
 
 @torch.no_grad()

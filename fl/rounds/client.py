@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from fed_plora import plora
 
-from .config import Config
-from .data.tokenize import collate
-from .device import precision_context
-from .model import read_adapter, write_adapter
-from .strategies import ClientPlan, ClientUpdate
+from ..config import Config
+from ..data.tokenize import collate
+from ..device import precision_context
+from ..model import read_adapter, write_adapter
+from ..strategies import ClientPlan, ClientUpdate, strategy_class
+from .schedule import client_seed, local_steps, round_lr
 
 
 @dataclass
@@ -31,21 +30,21 @@ class TrainStats:
 
 
 def fit(model: nn.Module, plan: ClientPlan, features: list[dict], **train) -> tuple[ClientUpdate, TrainStats]:
-    """One client's round on the shared ``model``: load ``plan``, scale its layers by ``plan.local``'s
-    ``scale``, Select-N-Fold (``plan.fold_mode``, ``pristine``), train (``train``: the keywords of
-    ``train_local``; the loss with ``plan.local``'s ``tail_penalty``), read the factors back. The base and
-    the scales are restored and the gradients dropped even when training raises, so that the next client
-    starts clean."""
+    """One client's round on the shared ``model``: load ``plan``, scale its layers by its method's
+    ``local_scale``, Select-N-Fold (``plan.fold_mode``, ``pristine``), train (``train``: the keywords of
+    ``train_local``; the loss plus the method's ``local_penalty``), read the factors back. The base and the
+    scales are restored and the gradients dropped even when training raises, so that the next client starts
+    clean."""
+    method = strategy_class(plan.method)
     write_adapter(model, plan.adapter, plan.extra)
     layers = plora.plora_layers(model)
     scales = {name: layer.scale for name, layer in layers.items()}
     for layer in layers.values():
-        layer.scale *= plan.local.get("scale", 1.0)
+        layer.scale *= method.local_scale(plan.local)
     try:
         plora.select_and_fold(model, {n: idx.tolist() for n, idx in plan.trained.items()}, plan.fold_mode, pristine=True)
         try:
-            penalty = tail_penalty(layers, *plan.local["tail_penalty"]) if "tail_penalty" in plan.local else None
-            stats = train_local(model, features, penalty=penalty, **train)
+            stats = train_local(model, features, penalty=method.local_penalty(plan.local, layers), **train)
             adapter, extra = read_adapter(model)
         finally:
             plora.unfold(model)
@@ -58,19 +57,6 @@ def fit(model: nn.Module, plan: ClientPlan, features: list[dict], **train) -> tu
     return ClientUpdate(plan.client, len(features), adapter, plan.trained, extra), stats
 
 
-def tail_penalty(layers: dict[str, nn.Module], start: int, stop: int, weight: float) -> Callable[[], torch.Tensor]:
-    """HetLoRA's rank regulariser: ``weight · Σ_layers ‖B[:, start:stop]‖_F · ‖A[start:stop]‖_F``, the
-    modules ``[start, stop)`` being the tail that self-pruning would cut."""
-
-    def penalty() -> torch.Tensor:
-        return weight * sum(
-            torch.linalg.vector_norm(layer.lora_b[:, start:stop]) * torch.linalg.vector_norm(layer.lora_a[start:stop])
-            for layer in layers.values()
-        )
-
-    return penalty
-
-
 def log_prior(features: list[dict], num_labels: int) -> torch.Tensor:
     """``[num_labels]`` log of the label frequencies of ``features`` (class-labelled), each count plus one:
     what a logit-adjusted loss adds to the logits (Menon et al., 2021; in federated learning under label skew,
@@ -81,31 +67,6 @@ def log_prior(features: list[dict], num_labels: int) -> torch.Tensor:
         raise ValueError(f"logit adjustment needs class labels in [0, {num_labels}) for every example")
     counts = torch.bincount(torch.tensor(labels), minlength=num_labels).double() + 1.0
     return (counts / counts.sum()).log().float()
-
-
-def client_seed(seed: int, rnd: int, client: int, stream: int) -> int:
-    """A seed for ``stream`` (0: training) of ``client`` in round ``rnd``."""
-    return int(np.random.SeedSequence([seed, rnd, client, stream]).generate_state(1)[0])
-
-
-def local_steps(config: Config, shard_size: int) -> int:
-    """Local steps of a client: ``train.local_steps``, or ``local_epochs`` passes over its shard."""
-    train = config.train
-    if train.local_steps:
-        return train.local_steps
-    if not train.local_epochs:
-        raise ValueError("set train.local_steps > 0 or train.local_epochs > 0")
-    return max(1, math.ceil(train.local_epochs * shard_size / train.batch_size))
-
-
-def round_lr(config: Config, rnd: int) -> float:
-    """The learning rate of round ``rnd`` (0-based): ``train.lr``, or with ``lr_schedule = "cosine"`` annealed
-    from ``lr`` in the first round to ``lr_min`` in the last, ``lr_min + (lr - lr_min) · (1 + cos(π t)) / 2``
-    with ``t = rnd / (rounds - 1)``."""
-    tcfg, rounds = config.train, config.federation.rounds
-    if tcfg.lr_schedule == "constant" or rounds == 1:
-        return tcfg.lr
-    return tcfg.lr_min + (tcfg.lr - tcfg.lr_min) * (1 + math.cos(math.pi * rnd / (rounds - 1))) / 2
 
 
 def fit_settings(config: Config, rnd: int, client: int, shard_size: int, pad_id: int, autocast_dtype: torch.dtype | None) -> dict:

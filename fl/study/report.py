@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .report import MB
-from .storage import atomic_write, atomic_write_json, read_jsonl, restore_floats, write_jsonl
-from .strategies import STRATEGIES
-from .study import cell_state
-from .study_config import Cell, Study, literal
-from .study_stats import mean_std, paired_difference
+from ..config import Config, toml_literal
+from ..run.report import MB
+from ..storage import atomic_write, atomic_write_json, read_jsonl, restore_floats, write_jsonl
+from ..strategies import STRATEGIES
+from .cells import cell_state
+from .config import Cell, Study
+from .stats import mean_std, paired_difference
 
 #: The numbers of a row summarised over seeds (key, column title; ``{metric}`` is the setting's metric).
 MEASURES = (
@@ -29,7 +29,7 @@ MEASURES = (
 def headline_metric(config: Config, records: list[dict] = ()) -> str:
     """The metric a run of ``config`` is judged by: its task's (``fl.data.task_from_config``, which builds a
     custom task's spec from its files); where that fails (files moved), the first ``eval_*`` key of ``records``."""
-    from . import data
+    from .. import data
 
     try:
         make = getattr(data, "task_from_config", None)
@@ -141,7 +141,7 @@ def _verdict(d: dict, method: str, baseline: str) -> str:
 
 
 def _overrides(table: dict) -> str:
-    return ", ".join(f"`{k} = {literal(v)}`" for k, v in table.items()) or "none"
+    return ", ".join(f"`{k} = {toml_literal(v)}`" for k, v in table.items()) or "none"
 
 
 def _setting_section(name: str, s: dict, baseline: str) -> list[str]:
@@ -209,7 +209,7 @@ def markdown(study: Study, settings: dict, missing: list[str], failed: dict[str,
 def write_report(study: Study, failed: dict[str, str] | None = None) -> Path:
     """Collect the finished cells and write ``results.jsonl``, ``summary.json``, ``report.md`` and the plots
     into the study's directory; the path of ``report.md``."""
-    from .study_plots import plot_curves, plot_metric, plot_traffic
+    from .plots import plot_curves, plot_metric, plot_traffic
 
     failed = failed or {}
     rows, missing = [], []

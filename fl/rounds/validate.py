@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .strategies import ClientPlan, ClientUpdate, Factors
+from ..strategies import ClientPlan, ClientUpdate, Factors
 
 
 class RejectedUpdate(ValueError):

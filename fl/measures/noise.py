@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .strategies import Adapter, ClientUpdate, Factors, Strategy
-from .strategies.lowrank import concat, merged, relative_error
+from ..strategies import Adapter, ClientUpdate, Factors, Strategy
+from ..strategies.lowrank import concat, merged, relative_error
 
 
 def initialisation_noise(layers: Iterable[tuple[Factors, Factors]]) -> float | None:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from .storage import FileFormatError, atomic_write, atomic_write_json, digest_json, read_json, restore_floats, sha256_bytes
+from ..storage import FileFormatError, atomic_write, atomic_write_json, digest_json, read_json, restore_floats, sha256_bytes
 
 #: The checkpoint format written; ``LEGACY_FORMAT`` (before checksums) is still read, unverified.
 FORMAT = 2

@@ -10,17 +10,18 @@ seed, the round and the client.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..config import Config
+from ..strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
 from .checkpoint import Checkpoint, capture_rng, restore_rng
-from .client import TrainStats, local_steps
-from .config import Config
-from .partition import sample_clients
-from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
+from .client import TrainStats
+from .schedule import local_steps, round_clients
 from .validate import RejectedUpdate, check_claims, validate_update
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,29 @@ class ClientResult:
     wire: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RoundOutcome:
+    """A round once aggregated: its plan, the accepted ``(plan, result)`` pairs, the faults' log entries,
+    the aggregation (None when no update was accepted) and the seconds it took."""
+
+    planned: RoundPlan
+    accepted: list[tuple[ClientPlan, ClientResult]]
+    faults: list[dict]
+    aggregated: RoundResult | None
+    aggregate_seconds: float
+
+    @property
+    def updates(self) -> list[ClientUpdate]:
+        return [result.update for _, result in self.accepted]
+
+
 class Server:
     """``strategy``'s rounds under ``config`` (``run.seed``; ``federation.clients``, ``fraction`` and
     ``update_norm_bound``; ``train``: the local steps a client takes), ``client_ranks[c]`` being client
     ``c``'s rank budget and ``client_sizes[c]`` the size of its data partition, as the server knows them.
 
     A client's claims are checked, never trusted: an update that names another client, claims another
-    data size or another number of local steps is rejected (``fl.validate.check_claims``), so that
+    data size or another number of local steps is rejected (``fl.rounds.validate.check_claims``), so that
     data-size weights are the server's own.
 
     ``resume``: continue from that checkpoint of the same run (strategy state, records and RNGs restored).
@@ -98,20 +115,26 @@ class Server:
 
     def plan_round(self) -> RoundPlan:
         """Sample the next round's clients and configure each."""
-        rnd, fcfg = self.rounds_done, self.config.federation
-        clients = sample_clients(fcfg.clients, fcfg.fraction, np.random.default_rng([self.config.run.seed, rnd]))
+        rnd = self.rounds_done
+        clients = round_clients(self.config, rnd)
         plans = [self.strategy.configure_client(rnd, c, self.client_ranks[c]) for c in clients]
         return RoundPlan(rnd, clients, plans)
 
     def finish_round(self, planned: RoundPlan, results: list[ClientResult]) -> dict:
         """Validate the results (one per planned client, same order), aggregate the valid ones and return
-        the round's record (also appended to ``records``). A round left with no valid update keeps the
-        global state unchanged."""
+        the round's record (also appended to ``records``): its participation, what ``measure`` adds, the
+        faults and the aggregation's info. A round left with no valid update keeps the global state unchanged."""
         accepted, faults = self.screen(planned, results)
+        start = time.perf_counter()
         aggregated = self.aggregate(planned.rnd, [result.update for _, result in accepted])
-        record = {**self.participation(planned, accepted), "faults": faults, **round_info(aggregated)}
+        done = RoundOutcome(planned, accepted, faults, aggregated, time.perf_counter() - start)
+        record = {**self.participation(planned, accepted), **self.measure(done), "faults": faults, **round_info(aggregated)}
         self.records.append(record)
         return record
+
+    def measure(self, done: RoundOutcome) -> dict:
+        """The fields a server adds to a round's record once it is aggregated (a subclass's hook); none here."""
+        return {}
 
     def screen(self, planned: RoundPlan, results: list[ClientResult]) -> tuple[list[tuple[ClientPlan, ClientResult]], list[dict]]:
         """``(accepted, faults)``: the results whose update passed ``validate_update`` and whose claims

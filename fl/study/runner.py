@@ -23,10 +23,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
-from .experiment import MAY_DIFFER
-from .storage import FileFormatError, finite_json, read_json, read_jsonl
-from .study_config import Cell, Study, StudyError, flatten
+from ..config import Config, ConfigError
+from .cells import cell_state, check_recorded
+from .config import Cell, Study, StudyError
 
 #: Thread settings of a worker process, in its environment before it imports torch.
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -41,53 +40,6 @@ class StudyOutcome:
     ran: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
-
-
-def cell_state(cell: Cell) -> str:
-    """The cell's state: "finished" (its ``summary.json`` is written and every method ran all rounds),
-    "started" (a run is in its directory: resume it) or "new" (no run yet)."""
-    directory = cell.directory
-    if not (directory / "config.json").is_file():
-        return "new"
-    if (directory / "summary.json").is_file():
-        try:
-            records = read_jsonl(directory / "metrics.jsonl")
-        except FileFormatError:
-            return "started"
-        last = {}
-        for r in records:
-            last[r.get("method")] = max(last.get(r.get("method"), 0), r.get("round") or 0)
-        if all(last.get(m, 0) >= cell.config.federation.rounds for m in cell.config.methods.names):
-            return "finished"
-    return "started"
-
-
-def check_recorded(cells: list[Cell]) -> None:
-    """``StudyError`` naming every cell whose run directory holds a run started under another config than
-    the study gives it now (fields listed); results of two configs are never mixed."""
-    problems = []
-    for cell in cells:
-        path = cell.directory / "config.json"
-        if not path.is_file():
-            continue
-        try:
-            saved = read_json(path)
-            saved = {k: v for k, v in saved.items() if k != "command"}
-            recorded = flatten(finite_json(Config.from_dict(saved).to_dict()))
-        except (FileFormatError, ConfigError, KeyError, TypeError, AttributeError) as error:
-            problems.append(f"cell {cell.name} ({cell.directory}): its config.json cannot be read ({error})")
-            continue
-        now = flatten(finite_json(cell.config.to_dict()))
-        differ = [k for k in sorted(set(now) | set(recorded)) if k not in MAY_DIFFER and now.get(k) != recorded.get(k)]
-        if differ:
-            changes = "; ".join(f"{k}: {recorded.get(k)!r} (cell) -> {now.get(k)!r} (study)" for k in differ[:6])
-            problems.append(f"cell {cell.name} ({cell.directory}) was run under another config ({changes})")
-    if problems:
-        raise StudyError(
-            "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more cells" if len(problems) > 4 else "") + ". "
-            "The study changed after these cells ran and their results would be mixed with the new ones: restore the "
-            "setting, give the changed setting a new name, or move the cells' directories away to run them anew"
-        )
 
 
 def select(study: Study, seeds: list[int] | None = None, only: list[str] | None = None) -> list[Cell]:
@@ -145,7 +97,7 @@ def run_study(
     finally:
         bar.close()
     if report:
-        from .study_report import write_report  # matplotlib only when reporting
+        from .report import write_report  # matplotlib only when reporting
 
         outcome.report = write_report(study, outcome.failed)
     return outcome
@@ -178,7 +130,7 @@ def _run_parallel(pending: list[Cell], states: dict, command: str, workers: int,
 def run_cell(setting: str, seed: int, config: dict, command: str, state: str, progress: bool) -> dict:
     """Run (``state`` "new") or resume (``state`` "started") one cell from its config dict; the outcome as a
     plain dict (``error``: None or the exception's type and message) so that it crosses processes."""
-    from .experiment import RunFailed, run_experiment  # heavy imports only when running
+    from ..run.experiment import RunFailed, run_experiment  # heavy imports only when running
 
     started = time.monotonic()
     error = None

@@ -9,7 +9,7 @@
   rounds the federation samples it (same steps, learning rates and seeds); each client's final model is
   evaluated, and the row reports the mean over clients (``eval_<metric>``) beside every client's score.
 
-Each returns its records in the shape of a method's (``fl.server``), with no traffic.
+Each returns its records in the shape of a method's (``fl.rounds.run_server``), with no traffic.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from . import costs
-from .client import fit, fit_settings, local_steps
-from .config import REFERENCES, Config
-from .data import score
-from .evaluation import evaluate
-from .model import inject_configured, linear_weight_count, read_adapter, write_adapter
-from .partition import sample_clients
-from .server import mean_costs, memory_fields, trainable_params
-from .strategies import FedIT
+from ..config import REFERENCES, Config
+from ..data import score
+from ..measures import costs
+from ..measures.costs import mean_costs, trainable_params
+from ..measures.evaluation import evaluate
+from ..measures.memory import memory_fields
+from ..model import inject_configured, linear_weight_count, read_adapter, write_adapter
+from ..rounds.client import fit, fit_settings
+from ..rounds.schedule import is_evaluated, local_steps, round_clients
+from ..strategies import FedIT
 
 
 def run_reference(
@@ -136,12 +137,12 @@ class _Reference:
         fcfg, learner, records = self.config.federation, self.learner(self.config.model.rank), []
         pooled = self.fed.train
         for rnd in range(fcfg.rounds):
-            sampled = sample_clients(fcfg.clients, fcfg.fraction, np.random.default_rng([self.config.run.seed, rnd]))
+            sampled = round_clients(self.config, rnd)
             steps = sum(local_steps(self.config, len(self.fed.shards[c])) for c in sampled)
             done = self.train(learner, rnd, 0, pooled, steps)
             fields = {"train_loss": done["loss"], "train_flops": done["flops"], "trainable_params": done["trainable"]}
             timing = {"time_train_s": done["seconds"]}
-            if (rnd + 1) % self.config.train.eval_every == 0 or rnd + 1 == fcfg.rounds:
+            if is_evaluated(self.config, rnd):
                 start = time.perf_counter()
                 fields.update(self.evaluate(learner))
                 timing["time_evaluate_s"] = time.perf_counter() - start
@@ -153,7 +154,7 @@ class _Reference:
         learners = {c: self.learner(self.fed.ranks[c]) for c in range(fcfg.clients)}
         records = []
         for rnd in range(fcfg.rounds):
-            sampled = sample_clients(fcfg.clients, fcfg.fraction, np.random.default_rng([self.config.run.seed, rnd]))
+            sampled = round_clients(self.config, rnd)
             done = [self.train(learners[c], rnd, c, self.fed.client_features(c)) for c in sampled]
             sizes = [len(self.fed.shards[c]) for c in sampled]
             fields = {

@@ -1,30 +1,31 @@
 """The server of a ``fed-plora`` run: a ``Server`` (``fl.rounds``) with the run's model and measurements.
 
-A ``FederatedServer`` builds its strategy from the run config over the global model (a backbone with PLoRA
+A ``RunServer`` builds its strategy from the run config over the global model (a backbone with PLoRA
 injected here), merges any base update into that model, evaluates it every k rounds, and writes each
 round's costs, noise, timings and memory into the record.
 """
 
 from __future__ import annotations
 
-import resource
 import time
 
-import numpy as np
 import torch
 
 from fed_plora import plora
 
-from . import costs, noise
+from ..config import Config
+from ..measures import costs, noise
+from ..measures.costs import mean_costs, trainable_params
+from ..measures.evaluation import evaluate
+from ..measures.memory import memory_fields
+from ..model import inject_configured, linear_weight_count, read_adapter, write_adapter
+from ..strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy_class
 from .checkpoint import Checkpoint
-from .config import Config
-from .evaluation import evaluate
-from .model import inject_configured, linear_weight_count, read_adapter, write_adapter
-from .rounds import ClientResult, RoundPlan, Server, round_info
-from .strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy_class
+from .schedule import is_evaluated
+from .server import RoundOutcome, RoundPlan, Server
 
 
-class FederatedServer(Server):
+class RunServer(Server):
     """One method's server over ``model`` (a freshly loaded backbone, PLoRA injected here); ``fed``: the
     run's ``Federation`` (client rank budgets, the client shards whose sizes weigh the clients, task and
     evaluation data).
@@ -47,7 +48,10 @@ class FederatedServer(Server):
         self.device = next(model.parameters()).device
         inject_configured(model, config)
         adapter, extra = read_adapter(model)
-        strategy = strategy_class(method).from_config(config, adapter, extra, fed.ranks)
+        options = getattr(config.methods, method)
+        strategy = strategy_class(method).for_run(
+            adapter, extra, config.federation.weighting, config.run.seed, options, fed.ranks
+        )
         super().__init__(strategy, config, fed.ranks, resume, client_sizes=[len(shard) for shard in fed.shards])
         self.head_params = sum(t.numel() for t in extra.values())
         self.frozen_params = linear_weight_count(model) - self.head_params
@@ -64,36 +68,25 @@ class FederatedServer(Server):
         planned.global_update = global_update
         return planned
 
-    def finish_round(self, planned: RoundPlan, results: list[ClientResult]) -> dict:
-        """``Server.finish_round`` with the round's costs and noise, the evaluation when due, timings and memory."""
-        rnd = planned.rnd
-        accepted, faults = self.screen(planned, results)
-        timer = dict(prepare=0.0, train=0.0, aggregate=0.0, evaluate=0.0)
-        rows = []
-        for plan, result in accepted:
+    def measure(self, done: RoundOutcome) -> dict:
+        """The round's aggregation noise and server FLOPs, its clients' costs (means), the evaluation when due
+        (``schedule.is_evaluated``), timings and memory."""
+        rows, timer = [], dict(prepare=0.0, train=0.0, aggregate=done.aggregate_seconds, evaluate=0.0)
+        for plan, result in done.accepted:
             timer["train"] += result.stats.seconds
             timer["prepare"] += max(result.seconds - result.stats.seconds, 0.0)
-            rows.append({**self._client_costs(plan, result.update, result.stats, planned.global_update), **result.wire})
-        updates = [result.update for _, result in accepted]
-        start = time.perf_counter()
-        aggregated = self.aggregate(rnd, updates)
-        timer["aggregate"] = time.perf_counter() - start
-        record = {
-            **self.participation(planned, accepted),
-            "agg_noise": self._aggregation_noise(aggregated, updates) if updates else None,
-            "server_flops": aggregated.server_flops if aggregated else 0.0,
+            rows.append({**self._client_costs(plan, result.update, result.stats, done.planned.global_update), **result.wire})
+        fields = {
+            "agg_noise": self._aggregation_noise(done.aggregated, done.updates) if done.updates else None,
+            "server_flops": done.aggregated.server_flops if done.aggregated else 0.0,
             **mean_costs(rows),
-            "faults": faults,
         }
-        if (rnd + 1) % self.config.train.eval_every == 0 or rnd + 1 == self.config.federation.rounds:
+        if is_evaluated(self.config, done.planned.rnd):
             start = time.perf_counter()
-            record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            fields.update({f"eval_{k}": v for k, v in self.evaluate().items()})
             timer["evaluate"] = time.perf_counter() - start
-        record.update({f"time_{k}_s": v for k, v in timer.items()})
-        record.update(memory_fields(self.device))
-        record.update(round_info(aggregated))
-        self.records.append(record)
-        return record
+        fields.update({f"time_{k}_s": v for k, v in timer.items()})
+        return {**fields, **memory_fields(self.device)}
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult | None:
         """``Server.aggregate``, then any base update merged into the global model for good (FLoRA)."""
@@ -142,41 +135,3 @@ class FederatedServer(Server):
         sizes = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = (sizes / sizes.sum()).tolist()
         return noise.round_aggregation_noise(self.strategy, aggregated.base_update, updates, weights)
-
-
-def trainable_params(update: ClientUpdate, head_params: int) -> int:
-    """Parameters a client trained: the head's and, per layer, ``r · (N + K)`` for its ``r`` trained modules."""
-    return head_params + sum(len(update.trained[n]) * (f.b.shape[0] + f.a.shape[1]) for n, f in update.adapter.items())
-
-
-def memory_fields(device: torch.device) -> dict:
-    """A record's peak memory and what it measures."""
-    kind = "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"
-    return {"peak_memory_bytes": peak_memory_bytes(device), "peak_memory_kind": kind}
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA allocation since the last reset, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-#: Per-client cost fields averaged over the accepted clients of a round.
-MEAN_KEYS = ("bytes_down_bf16", "bytes_down_fp32", "bytes_up_bf16", "bytes_up_fp32", "trainable_params")
-
-
-def mean_costs(rows: list[dict]) -> dict:
-    """Per-client means of traffic (and of any ``ClientResult.wire`` field) and trainable parameters,
-    sums of FLOPs, mean and max init noise (over the accepted clients; means are None when there is none)."""
-    if not rows:
-        keys = (*MEAN_KEYS, "init_noise", "init_noise_max")
-        return {**dict.fromkeys(keys), "train_flops": 0.0, "fold_flops": 0.0}
-    wire = [k for k in rows[0] if k not in (*MEAN_KEYS, "train_flops", "fold_flops", "init_noise")]
-    out = {k: float(np.mean([r[k] for r in rows])) for k in (*MEAN_KEYS, *wire)}
-    out.update({k: float(sum(r[k] for r in rows)) for k in ("train_flops", "fold_flops")})
-    noise = [r["init_noise"] for r in rows]
-    known = [v for v in noise if v is not None]
-    out["init_noise"] = float(np.mean(known)) if len(known) == len(noise) else None
-    out["init_noise_max"] = max(known) if len(known) == len(noise) else None
-    return out

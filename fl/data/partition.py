@@ -112,3 +112,13 @@ def sample_clients(num_clients: int, fraction: float, rng: np.random.Generator) 
 def _check_clients(num_clients: int, num_examples: int) -> None:
     if num_clients < 1 or num_clients > num_examples:
         raise ValueError(f"num_clients must lie in [1, {num_examples}] (the example count), got {num_clients}")
+
+
+def split_off(examples: list, count: int, rng: np.random.Generator) -> tuple[list, list]:
+    """``(rest, held)``: ``count`` examples drawn by ``rng`` (without replacement) and the others, both in
+    their original order. The one way a split is carved out of another (``task.eval_split = "train_holdout"``,
+    the eval split of a user's train file without an eval file)."""
+    if not 1 <= count < len(examples):
+        raise ValueError(f"cannot hold out {count} of {len(examples)} examples")
+    held = set(rng.choice(len(examples), size=count, replace=False).tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
