@@ -23,11 +23,14 @@ for nested in (False, True):
     build(nf4._fold_kernel, dict(state, bounds_ptr=f32, new_absmax_ptr=f32, a_ptr=bf, b_ptr=bf, idx_ptr="*i64", scale="fp32"),
           dict(BLOCKSIZE=64, NESTED=nested, BLOCKSIZE2=256, P=32, W_DTYPE=tl.bfloat16, UPCAST=False, DOT_PRECISION="tf32", BLOCK_N=32, BLOCK_K=256),
           num_warps=8, enable_fp_fusion=False)
-    for block_m, swap in ((128, False), (16, True)):
-        build(_gemm_nf4_kernel, dict(state, x_ptr=bf, t_ptr=f32, g_ptr=bf, idx_ptr="*i64", bias_ptr=bf, y_ptr=bf, slab_scale="fp32"),
-              dict(BLOCKSIZE=64, NESTED=nested, BLOCKSIZE2=256, W_DTYPE=tl.bfloat16, W_UPCAST=False, P=32, HAS_SLAB=True, HAS_BIAS=True,
-                   UPCAST=False, DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, SWAP_AB=swap),
-              num_warps=8, num_stages=3)
+    for x, dot, registers in ((bf, "tf32", True), (f32, "ieee", False)):  # levels in registers, or bitsandbytes' values
+        for block_m, swap in ((64, False), (16, True)):
+            build(_gemm_nf4_kernel, dict(state, x_ptr=x, t_ptr=f32, g_ptr=x, idx_ptr="*i64", bias_ptr=x, y_ptr=x, partial_ptr=f32,
+                                         arrived_ptr="*i32", slab_scale="fp32"),
+                  dict(BLOCKSIZE=64, NESTED=nested, BLOCKSIZE2=256, W_DTYPE=tl.bfloat16, W_UPCAST=False, P=32, HAS_SLAB=True,
+                       HAS_BIAS=True, UPCAST=False, DOT_PRECISION=dot, SCALE_AFTER_DOT=registers, LEVELS_IN_REGISTERS=registers,
+                       BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, SWAP_AB=swap),
+                  num_warps=4, num_stages=3)
 build(nf4._quantize_kernel, dict(x_ptr=bf, bounds_ptr=f32, packed_ptr="*u8", absmax_ptr=f32), dict(BLOCKSIZE=64, BLOCKS=32, UPCAST=False), enable_fp_fusion=False)
 build(nf4._quantize_absmax_kernel, dict(absmax_ptr=f32, offset_ptr=f32, code2_ptr=f32, qabsmax_ptr="*u8", absmax2_ptr=f32), dict(BLOCKSIZE2=256), enable_fp_fusion=False)
 print("compiled")

@@ -100,3 +100,23 @@ def test_frozen_modules_are_evaluated_without_gradients(device, dequant):
     assert torch.count_nonzero(leaves[1].grad[[1, 5]]) == 0 and torch.count_nonzero(leaves[2].grad[:, [1, 5]]) == 0
     with pytest.raises(ValueError, match=r"trainable must be an int in \[0, 4\]"):
         plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.5, trainable=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decoding_size_splits_the_k_loop(device, dtype, with_bias):
+    """At decoding sizes programs share an output tile's K loop (here 2 programs, 10 and 9 K-steps: the interpreter
+    stands for a GPU of 3 SMs) and the tile's last program adds their fp32 partial sums."""
+    from fed_plora.kernels.plora_linear_nf4._triton import BLOCK_K, splits
+
+    m, k, n = 5, 1216, 40
+    assert splits(1, k // BLOCK_K, 3) == 2
+    nf4, x, lora_a, lora_b, bias = _case(device, dtype, m=m, k=k, n=n, seed=3)
+    active = torch.tensor([5, 1], device=device)
+    bias = bias if with_bias else None
+    y = plora_linear_nf4(x, nf4, lora_a, lora_b, active, 0.7, bias, dequant="fused")
+    weight = dequantize_nf4_reference(nf4).double()
+    expected = plora_linear_reference(x.double(), weight, lora_a.double(), lora_b.double(), active, 0.7,
+                                      bias.double() if with_bias else None)  # fmt: skip
+    tolerance = ELEMENTWISE.get(dtype, dict(rtol=5e-3, atol=5e-3))
+    torch.testing.assert_close(y.double(), expected, **tolerance)
