@@ -1,6 +1,7 @@
 """``fed-plora run``: one command for any method on any task, from a config file and flags;
 ``fed-plora resume <run_dir>``: continue a killed run; ``fed-plora study --config <study.toml>``: a grid of
-settings × seeds × methods, resumable, with its report (``fl.study``).
+settings × seeds × methods, resumable, with its report (``fl.study``); ``fed-plora config [section]``: every
+config field with its type, default, what it allows and what it does.
 
 Exit status: 0 on success; 1 when the run finished but, for some method, every client of every round
 failed (its results are the untrained model's); 2 when the run was refused before it started (a bad
@@ -13,7 +14,7 @@ import argparse
 import shlex
 import sys
 
-from .config import ConfigError, load_config, toml_literal
+from .config import SECTIONS, ConfigError, field_rows, load_config, toml_literal
 from .data import TASKS, DataError
 from .rounds.checkpoint import CheckpointError
 from .storage import FileFormatError
@@ -71,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", help="the run directory (holds config.json and checkpoints/)")
     resume.add_argument("--data-dir", help="where the run's data now lies, if it moved")
     resume.add_argument("--no-progress", action="store_true", help="no progress bars")
+    listing = sub.add_parser("config", help="list every config field: type, default, what it allows, what it does")
+    listing.add_argument(
+        "section", nargs="?", help="only this section (run, task, model, federation, train, methods, references)"
+    )
+    listing.add_argument("--markdown", action="store_true", help="as a Markdown table (docs/config.md is this)")
     study = sub.add_parser("study", help="run a grid of settings × seeds × methods (resumable) and report it (docs/study.md)")
     study.add_argument("--config", required=True, help="the study's TOML file ([study], [common], [settings.<name>])")
     study.add_argument("--workers", type=int, help="processes of one thread each (default: the study's workers; 1: here)")
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "config":
+        print(config_listing(args.section, args.markdown))
+        return 0
     _quiet_transformers()
     command = "fed-plora " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "study":
@@ -124,6 +133,26 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     directory, table = run_experiment(config, command, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"\n{table}\n\nrun directory: {directory} (metrics.jsonl, curves.png, summary.md)")
     return 0
+
+
+def config_listing(section: str | None = None, markdown: bool = False) -> str:
+    """Every config field (of ``section`` only, when given): its type, default, what it allows, what it does;
+    as plain text, or as a Markdown table."""
+    if section is not None and section not in SECTIONS:
+        raise ConfigError(f"config {section!r}: not a section; the sections are {', '.join(SECTIONS)}")
+    rows = [r for r in field_rows() if section is None or r["field"].split(".")[0] == section]
+    if not markdown:
+        return "\n".join(f"{r['field']}: {r['type']} = {r['default']}\n    {r['help']} ({r['allowed']})" for r in rows)
+
+    def cell(text: str, code: bool = False) -> str:
+        text = text.replace("\\", "\\\\").replace("|", "\\|")
+        return f"`{text}`" if code else text.replace("<", "&lt;")
+
+    lines = ["| field | type | default | allowed | what it does |", "|---|---|---|---|---|"]
+    for r in rows:
+        code = [cell(r[k], code=True) for k in ("field", "type", "default")]
+        lines.append("| " + " | ".join([*code, cell(r["allowed"]), cell(r["help"])]) + " |")
+    return "\n".join(lines)
 
 
 def _study(args: argparse.Namespace) -> int:

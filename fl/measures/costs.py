@@ -3,9 +3,13 @@ are in ``noise``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import nn
 
+from ..model import linear_weight_count
 from ..strategies import ClientUpdate
 from ..strategies.lowrank import product_flops
 
@@ -43,6 +47,25 @@ def trainable_params(update: ClientUpdate, head_params: int) -> int:
 
 #: Per-client cost fields averaged over the accepted clients of a round.
 MEAN_KEYS = ("bytes_down_bf16", "bytes_down_fp32", "bytes_up_bf16", "bytes_up_fp32", "trainable_params")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """What a client's training costs are counted from: ``head``, the values of the other trainable tensors
+    (a classification head), and ``frozen``, every linear weight besides them (PLoRA bases included)."""
+
+    head: int
+    frozen: int
+
+    @classmethod
+    def of(cls, model: nn.Module, extra: dict[str, torch.Tensor]) -> ParameterCounts:
+        head = sum(t.numel() for t in extra.values())
+        return cls(head, linear_weight_count(model) - head)
+
+    def training(self, update: ClientUpdate, tokens: int) -> tuple[int, float]:
+        """``(trainable parameters, training FLOPs)`` of a client's ``update`` over ``tokens`` tokens."""
+        trainable = trainable_params(update, self.head)
+        return trainable, training_flops(tokens, self.frozen, trainable)
 
 
 def mean_costs(rows: list[dict]) -> dict:

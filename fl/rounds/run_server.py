@@ -15,10 +15,10 @@ from fed_plora import plora
 
 from ..config import Config
 from ..measures import costs, noise
-from ..measures.costs import mean_costs, trainable_params
+from ..measures.costs import ParameterCounts, mean_costs
 from ..measures.evaluation import evaluate
 from ..measures.memory import memory_fields
-from ..model import inject_configured, linear_weight_count, read_adapter, write_adapter
+from ..model import inject_configured, read_adapter, write_adapter
 from ..strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, strategy_class
 from .checkpoint import Checkpoint
 from .schedule import is_evaluated
@@ -53,8 +53,7 @@ class RunServer(Server):
             adapter, extra, config.federation.weighting, config.run.seed, options, fed.ranks
         )
         super().__init__(strategy, config, fed.ranks, resume, client_sizes=[len(shard) for shard in fed.shards])
-        self.head_params = sum(t.numel() for t in extra.values())
-        self.frozen_params = linear_weight_count(model) - self.head_params
+        self.params = ParameterCounts.of(model, extra)
         self.shapes = {n: (f.b.shape[0], f.a.shape[1]) for n, f in adapter.items()}
         for update in self.strategy.merged_updates():  # a resumed FLoRA's stacks; none for a fresh strategy
             plora.merge_into_base(model, update)
@@ -111,7 +110,7 @@ class RunServer(Server):
 
     def _client_costs(self, plan: ClientPlan, update: ClientUpdate, stats, global_update: Adapter) -> dict:
         """One client's traffic, trainable parameters, FLOPs and initialisation noise."""
-        trainable = trainable_params(update, self.head_params)
+        trainable, train_flops = self.params.training(update, stats.tokens)
         fold = plan.client_flops
         for name, (n_out, k_in) in self.shapes.items():
             folded = torch.ones(plan.adapter[name].b.shape[1], dtype=torch.bool)
@@ -125,7 +124,7 @@ class RunServer(Server):
             "bytes_up_bf16": up["bf16"],
             "bytes_up_fp32": up["fp32"],
             "trainable_params": trainable,
-            "train_flops": costs.training_flops(stats.tokens, self.frozen_params, trainable),
+            "train_flops": train_flops,
             "fold_flops": fold,
             "init_noise": noise.initialisation_noise((plan.adapter[n], global_update[n]) for n in self.shapes),
         }

@@ -23,11 +23,10 @@ import torch
 
 from ..config import REFERENCES, Config
 from ..data import score
-from ..measures import costs
-from ..measures.costs import mean_costs, trainable_params
+from ..measures.costs import ParameterCounts, mean_costs
 from ..measures.evaluation import evaluate
 from ..measures.memory import memory_fields
-from ..model import inject_configured, linear_weight_count, read_adapter, write_adapter
+from ..model import inject_configured, read_adapter, write_adapter
 from ..rounds.client import fit, fit_settings
 from ..rounds.schedule import is_evaluated, local_steps, round_clients
 from ..strategies import FedIT
@@ -64,8 +63,7 @@ class _Reference:
         self.device = next(model.parameters()).device
         inject_configured(model, config)
         self.adapter, self.extra = read_adapter(model)
-        self.head_params = sum(t.numel() for t in self.extra.values())
-        self.frozen_params = linear_weight_count(model) - self.head_params
+        self.params = ParameterCounts.of(model, self.extra)
 
     def record(self, rnd: int, **fields) -> dict:
         """A record in the shape of a method's: no traffic, no folding, no aggregation."""
@@ -129,8 +127,7 @@ class _Reference:
         plan = learner.configure_client(rnd, client, learner.options.client_rank)
         update, stats = fit(self.model, plan, features, **settings)
         learner.aggregate(rnd, [update])
-        trainable = trainable_params(update, self.head_params)
-        flops = costs.training_flops(stats.tokens, self.frozen_params, trainable)
+        trainable, flops = self.params.training(update, stats.tokens)
         return {"loss": stats.loss, "seconds": stats.seconds, "flops": flops, "trainable": trainable}
 
     def centralised(self) -> list[dict]:

@@ -85,6 +85,12 @@ class RoundResult:
     info: dict = field(default_factory=dict)
 
 
+def option(default, allowed: str, help: str):
+    """A method option's field with what it allows and what it does beside it (listed by ``fed-plora config``;
+    the check itself is the ``Options`` class's ``__post_init__``)."""
+    return field(default=default, metadata={"allowed": allowed, "help": help})
+
+
 @dataclass
 class MethodOptions:
     """The options of a method (none here): the table ``[methods.<name>]`` of a run config. A method's own

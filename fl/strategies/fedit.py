@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, weighted_sum
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, option, weighted_sum
 from .registry import register
 
 
@@ -15,7 +15,9 @@ class FedITOptions(MethodOptions):
     """``[methods.fedit]``: ``client_rank``, the rank every client trains (in ``[1, R]``); unset (None) in a
     run config: the smallest client budget."""
 
-    client_rank: int | None = None
+    client_rank: int | None = option(
+        None, "an integer in [1, model.rank], or unset", "the rank every client trains; unset: the smallest client budget"
+    )
 
     def __post_init__(self) -> None:
         rank = self.client_rank

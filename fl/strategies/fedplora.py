@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, option
 from .registry import register
 
 #: How a client may fold the modules it does not train (``plora.select_and_fold``).
@@ -32,8 +32,10 @@ class FedPLoRAOptions(MethodOptions):
     of the round, as in ``Σ p_i ΔW_i``).
     """
 
-    fold_mode: str = "merge"
-    module_mean: str = "holders"
+    fold_mode: str = option("merge", f"one of {', '.join(FOLD_MODES)}", "how a client folds the modules it does not train")
+    module_mean: str = option(
+        "holders", f"one of {', '.join(MODULE_MEANS)}", "over which of the round's clients a module is averaged"
+    )
 
     def __post_init__(self) -> None:
         if self.fold_mode not in FOLD_MODES:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, stacked
+from .base import Adapter, ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, option, stacked
 from .lowrank import orthonormal_complement, qr_flops, svd_flops, top_components
 from .registry import register
 
@@ -20,7 +20,7 @@ class FlexLoRAOptions(MethodOptions):
     ``s = α/R``, as for every other method; the default) or "rank" (a client of rank ``r_i`` scales by
     ``α/r_i``, as PEFT does for ``LoraConfig(r=r_i, lora_alpha=α)`` and FlexLoRA's reference code runs it)."""
 
-    scale: str = "common"
+    scale: str = option("common", f"one of {', '.join(SCALES)}", "a client's scale: the run's alpha / R, or alpha / r_i")
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, weighted_sum
+from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, option, weighted_sum
 from .lowrank import gram_flops, squared_norm
 from .registry import register
 
@@ -19,8 +19,8 @@ class HetLoRAOptions(MethodOptions):
     """``[methods.hetlora]``: ``prune_gamma`` in (0, 1) turns rank self-pruning on (unset, None: off), with
     ``prune_lambda`` (>= 0) the weight of the local regulariser on the tail modules that pruning would cut."""
 
-    prune_gamma: float | None = None
-    prune_lambda: float = 0.01
+    prune_gamma: float | None = option(None, "a number in (0, 1), or unset", "rank self-pruning keeps floor(gamma r); unset: off")
+    prune_lambda: float = option(0.01, "a finite number >= 0", "the weight of the local regulariser on the tail modules")
 
     def __post_init__(self) -> None:
         gamma, weight = self.prune_gamma, self.prune_lambda

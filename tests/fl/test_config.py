@@ -55,3 +55,41 @@ def test_toml_literal_round_trips():
     for key, value in cases.items():
         section, field = key.split(".")
         assert getattr(getattr(load_config(None, [f"{key}={toml_literal(value)}"]), section), field) == value
+
+
+def test_every_field_carries_its_rule_and_help():
+    """The rule table is read from the sections: every field of every section has a rule and a help beside it
+    (a method's options: what they allow and what they do), and nothing else is in the table."""
+    from fed_plora.fl.config import FIELDS, SECTIONS, field_rows
+
+    rows = field_rows()
+    assert all(r["allowed"] and r["help"] for r in rows), [r["field"] for r in rows if not (r["allowed"] and r["help"])]
+    options = {r["field"] for r in rows if r["field"].count(".") == 2}
+    assert {r["field"] for r in rows} - options == set(FIELDS)
+    expected = {f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.__dataclass_fields__ if k not in STRATEGIES}
+    assert set(FIELDS) == expected
+    assert options == {f"methods.{m}.{k}" for m, cls in STRATEGIES.items() for k in cls.Options.__dataclass_fields__}
+
+
+def test_the_config_page_is_the_listing(capsys):
+    """docs/config.md holds what ``fed-plora config --markdown`` prints now."""
+    from helpers import REPO_ROOT
+
+    from fed_plora.fl.cli import main
+
+    assert main(["config", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    page = (REPO_ROOT / "docs" / "config.md").read_text()
+    assert page[page.index("| field |") :].strip() == table, (
+        "docs/config.md is stale: rewrite it from `fed-plora config --markdown`"
+    )
+
+
+def test_config_listing_by_section_and_a_bad_section(capsys):
+    from fed_plora.fl.cli import main
+
+    assert main(["config", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr: float = 0.001" in out and "a number in (0, inf)" in out and "run.seed" not in out
+    assert main(["config", "trian"]) == 2
+    assert "config 'trian': not a section; the sections are run, task" in capsys.readouterr().err
