@@ -95,6 +95,20 @@ def median_ms(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> fl
     return statistics.median(times)
 
 
+def entry_ms(entry: dict | None) -> float | None:
+    """A pytest-benchmark entry's time in ms: the CUDA-event median where measured (GPU), else pytest-benchmark's
+    synchronised median; None without an entry."""
+    if entry is None:
+        return None
+    events = entry["extra_info"].get("median_ms_events")
+    return events if events is not None else entry["stats"]["median"] * 1e3
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, None where either is missing."""
+    return None if num is None or den is None else num / den
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     """``torch.cuda.max_memory_allocated`` over one call of ``fn`` above what was allocated before."""
     if not on_gpu():

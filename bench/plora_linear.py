@@ -9,15 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import format_table, on_gpu, run_suite, write_result
+from bench.common import entry_ms, format_table, on_gpu, ratio, run_suite, write_result
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_plora_linear.py"
-
-
-def _time_ms(entry: dict) -> float:
-    """CUDA-event median where measured (GPU), else pytest-benchmark's synchronised median."""
-    events = entry["extra_info"].get("median_ms_events")
-    return events if events is not None else entry["stats"]["median"] * 1e3
 
 
 def summarise(benchmarks: list[dict]) -> list[dict]:
@@ -32,8 +26,7 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
             continue
 
         def t(name, active=count):
-            found = by_key.get((m, k, n, active, name))
-            return _time_ms(found) if found else None
+            return entry_ms(by_key.get((m, k, n, active, name)))
 
         def peak(name):
             found = by_key.get((m, k, n, count, name))
@@ -56,17 +49,13 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
             "unfused_peak_fwdbwd_MiB": None if peak("unfused_fwdbwd") is None else peak("unfused_fwdbwd") / 2**20,
             "rel_error_vs_unfused": entry["extra_info"]["rel_error_vs_unfused"],
         }
-        row["fwd/cublas"] = _ratio(row["fwd_ms"], row["cublas_fwd_ms"])
-        row["bwd/cublas_dgrad"] = _ratio(row["bwd_ms"], row["cublas_dgrad_ms"])
-        row["unfused/fused fwd"] = _ratio(row["unfused_fwd_ms"], row["fwd_ms"])
-        row["unfused/fused fwd+bwd"] = _ratio(row["unfused_fwdbwd_ms"], row["fwdbwd_ms"])
-        row["unsloth/fused fwd+bwd"] = _ratio(row["unsloth_fwdbwd_ms"], row["fwdbwd_ms"])
+        row["fwd/cublas"] = ratio(row["fwd_ms"], row["cublas_fwd_ms"])
+        row["bwd/cublas_dgrad"] = ratio(row["bwd_ms"], row["cublas_dgrad_ms"])
+        row["unfused/fused fwd"] = ratio(row["unfused_fwd_ms"], row["fwd_ms"])
+        row["unfused/fused fwd+bwd"] = ratio(row["unfused_fwdbwd_ms"], row["fwdbwd_ms"])
+        row["unsloth/fused fwd+bwd"] = ratio(row["unsloth_fwdbwd_ms"], row["fwdbwd_ms"])
         rows.append(row)
     return rows
-
-
-def _ratio(num, den):
-    return None if num is None or den is None else num / den
 
 
 def main(argv: list[str]) -> int:

@@ -9,19 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import format_table, run_suite, write_result
+from bench.common import entry_ms, format_table, run_suite, write_result
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_train_step.py"
 COLUMNS = [
     "model", "precision", "R", "tokens", "plora_ms", "peft_ms", "plora_tok_s", "peft_tok_s", "speedup",
     "plora_peak_MiB", "peft_peak_MiB", "peak_ratio", "first_loss_diff",
 ]  # fmt: skip
-
-
-def _time_ms(entry: dict) -> float:
-    """CUDA-event median where measured (GPU), else pytest-benchmark's synchronised median."""
-    events = entry["extra_info"].get("median_ms_events")
-    return events if events is not None else entry["stats"]["median"] * 1e3
 
 
 def summarise(benchmarks: list[dict]) -> list[dict]:
@@ -37,7 +31,7 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
         ours, theirs = pair["plora"], pair["peft"]
         tokens = ours["extra_info"]["tokens"]
         row = {"model": model, "precision": precision, "R": rank, "tokens": tokens}
-        row["plora_ms"], row["peft_ms"] = _time_ms(ours), _time_ms(theirs)
+        row["plora_ms"], row["peft_ms"] = entry_ms(ours), entry_ms(theirs)
         row["plora_tok_s"], row["peft_tok_s"] = tokens / row["plora_ms"] * 1e3, tokens / row["peft_ms"] * 1e3
         row["speedup"] = row["peft_ms"] / row["plora_ms"]
         peaks = [e["extra_info"]["peak_bytes"] for e in (ours, theirs)]

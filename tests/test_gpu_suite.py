@@ -13,7 +13,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_smoke_run_dispatches_every_part(tmp_path):
+def test_smoke_run_dispatches_every_part(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT))  # bench/ is not installed
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     env.pop("OUT", None)
     out, no_data = tmp_path / "out", tmp_path / "no-data"
@@ -37,6 +38,12 @@ def test_smoke_run_dispatches_every_part(tmp_path):
     assert parts["d"]["rows"][0]["rel_error_fused_vs_temporary"] < 1e-2
     log = (out / "gpu_suite.log").read_text()
     assert "=== part f: skipped" in log and "(smoke)" in log
+    targets = importlib.import_module("bench.targets")
+    table = {t.name: t for t in vars(targets).values() if isinstance(t, targets.Target)}
+    for key in "bcde":
+        for t in parts[key]["targets"]:  # each limit is the table's, and the closing table prints it
+            assert t["target"] == table[t["name"]].text(t["bound"]), t
+            assert f"{t['name']:<40} {t['where']:<32}" in log and f"target {t['target']:<7} (smoke)" in log
 
 
 def test_a_failing_part_is_recorded_and_the_next_runs(monkeypatch):
