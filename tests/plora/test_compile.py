@@ -8,6 +8,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 from helpers import MODEL_TOLERANCE, LaunchRecorder, randomize_adapters, rel_error, tiny_model, token_batch
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -19,6 +20,7 @@ from fed_plora.kernels import plora_linear, plora_linear_nf4, quantize_nf4
 bnb = pytest.importorskip("bitsandbytes")
 checks = importlib.import_module("fed_plora.kernels._checks")
 launchers = importlib.import_module("fed_plora.kernels.plora_linear._triton")
+gemm_lowrank = importlib.import_module("fed_plora.kernels.plora_linear._gemm_lowrank")
 nf4_op = importlib.import_module("fed_plora.kernels.plora_linear_nf4.op")
 
 # Relative Frobenius error allowed between a compiled model and eager. Our op gives identical values on
@@ -154,8 +156,10 @@ def test_eager_calls_skip_the_custom_op_and_compiled_calls_run_it(kind, op, devi
 
 def test_active_set_within_a_bucket_recompiles_neither_dynamo_nor_triton(monkeypatch, device):
     log: list = []
-    for name in ("_shrink_kernel", "_gemm_with_slab_kernel", "_reduce_over_m_kernel"):
-        monkeypatch.setattr(launchers, name, LaunchRecorder(getattr(launchers, name), log, launchers.ACTIVE_SET_ARGS))
+    for module in (launchers, gemm_lowrank):  # every Triton kernel of the op (all autotuned)
+        for name, kernel in list(vars(module).items()):
+            if isinstance(kernel, triton.runtime.Autotuner):
+                monkeypatch.setattr(module, name, LaunchRecorder(kernel, log, launchers.ACTIVE_SET_ARGS))
     x, weight, lora_a, lora_b, _ = operands(device)
     lora_a.requires_grad_()
     counter = CompileCounterWithBackend("aot_eager")
@@ -170,6 +174,8 @@ def test_active_set_within_a_bucket_recompiles_neither_dynamo_nor_triton(monkeyp
         y = compiled(x, weight, lora_a, lora_b, active, 0.5)
         y.sum().backward()
         torch.testing.assert_close(y, plora_linear(x, weight, lora_a, lora_b, active, 0.5), rtol=0, atol=0)
+        # forward (y and t in one pass), backward for lora_a only (dt = s dy B_act, then dA over x): all recorded
+        assert {name for name, _ in log} == {"_gemm_lowrank_kernel", "_shrink_kernel", "_reduce_over_m_kernel"}, log
         keys_by_bucket.setdefault(16 if count <= 16 else 32, set()).add(tuple(log))
         assert counter.frame_count == (1 if count <= 16 else 2), count  # one graph per bucket
     assert {bucket: len(keys) for bucket, keys in keys_by_bucket.items()} == {16: 1, 32: 1}
