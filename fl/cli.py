@@ -21,7 +21,7 @@ from .storage import FileFormatError
 from .strategies import STRATEGIES
 
 #: Errors that stop a run with a message and exit status 2 (no traceback): a bad config, a run directory
-#: that cannot be used (``experiment.RunDirectoryError``), data or files that cannot be read.
+#: that cannot be used (``run.rundir.RunDirectoryError``), data or files that cannot be read.
 REFUSALS = (ConfigError, DataError, CheckpointError, FileFormatError, FileNotFoundError)
 
 #: Flags that are shortcuts for ``--set section.key=value``.

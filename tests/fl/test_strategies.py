@@ -222,3 +222,55 @@ def test_unknown_method_and_bad_arguments_are_named():
         build_strategy("fedplora", global_adapter(), HEAD).configure_client(0, 0, R + 1)
     with pytest.raises(ValueError, match="client_rank"):
         build_strategy("fedit", global_adapter(), HEAD, client_rank=0)
+
+
+def test_the_registry_holds_every_method_once_and_refuses_a_taken_name():
+    """Each method's module registers its class; a second class under a taken (or no) name is refused and
+    the registry is left as it was."""
+    from fed_plora.fl.strategies import STRATEGIES, FedIT, register
+
+    assert list(STRATEGIES) == ["fedplora", "fedit", "flora", "hetlora", "flexlora"]
+    before = dict(STRATEGIES)
+    for name in ("fedit", ""):
+        clash = type("Clash", (FedIT,), {"name": name})
+        with pytest.raises(ValueError, match="empty or taken"):
+            register(clash)
+    assert before == STRATEGIES
+
+
+def test_run_dependent_options_are_the_options_own():
+    """FedIT's unset client_rank resolves to the smallest budget, and a rank above R is refused, by its
+    ``Options`` (the run config only calls them)."""
+    from fed_plora.fl.strategies import FedIT
+
+    options = FedIT.Options()
+    assert options.for_clients([8, 2, 4]).client_rank == 2 and options.client_rank is None
+    assert FedIT.Options(client_rank=4).for_clients([2]).client_rank == 4
+    with pytest.raises(ValueError, match=r"client_rank = 32: must lie in \[1, model.rank = 16\]"):
+        FedIT.Options(client_rank=32).check_run(16)
+    strategy = FedIT.for_run(global_adapter(), HEAD, "data", 0, options, [8, 2, 4])
+    assert strategy.options.client_rank == 2
+
+
+def test_a_servers_measure_hook_adds_to_every_record_and_sees_the_round():
+    """``Server.finish_round`` screens, aggregates, then asks ``measure`` for the record's extra fields with
+    the accepted updates, the faults and the aggregation; a rejected client never reaches it."""
+    from fed_plora.fl.config import load_config
+    from fed_plora.fl.rounds import ClientResult, Server, TrainStats
+
+    class Counting(Server):
+        def measure(self, done):
+            return {"accepted": [u.client for u in done.updates], "faulty": len(done.faults), "seen": done.aggregated is not None}
+
+    config = load_config(None, ["federation.clients=2", "federation.fraction=1.0", "train.local_steps=3"])
+    server = Counting(build_strategy("fedit", global_adapter(), HEAD, client_rank=2), config, [2, 2], client_sizes=[5, 7])
+    planned = server.plan_round()
+    results = []
+    for plan in planned.plans:
+        size = [5, 7][plan.client]
+        steps = 3 if plan.client == 0 else 4  # client 1 claims a step it was not asked for: rejected
+        update = ClientUpdate(plan.client, size, plan.adapter, plan.trained, plan.extra)
+        results.append(ClientResult(update, TrainStats(1.0, steps, 0)))
+    record = server.finish_round(planned, results)
+    assert record["accepted"] == [0] and record["faulty"] == 1 and record["seen"] is True
+    assert record["faults"][0]["client"] == 1 and server.records == [record]
