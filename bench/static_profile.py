@@ -46,9 +46,9 @@ from fed_plora.kernels.plora_linear_nf4 import _triton as nf4_gemm
 
 RESULT = Path(__file__).resolve().parent / "results" / "static_profile.json"
 RANK, SCALE, DTYPE = 64, 0.25, torch.bfloat16
-#: (M, K, N) of the benchmark launches; NF4 adds M = 16 (decoding).
+#: (M, K, N) of the benchmark launches; NF4 adds M = 16 (decoding) at the three shapes.
 SHAPES = [(4096, 4096, 4096), (4096, 4096, 11008), (4096, 11008, 4096)]
-NF4_SHAPES = [(16, 4096, 4096), (4096, 4096, 4096)]
+NF4_SHAPES = [(16, k, n) for _, k, n in SHAPES] + [(4096, 4096, 4096)]
 COUNTS = (16, 64)
 TARGETS = {"sm_90": (HOPPER, sass.HOPPER), "sm_80": (AMPERE, sass.AMPERE)}
 #: Llama-7B projections (K, N): q/k/v/o, gate/up, down.
@@ -287,8 +287,9 @@ CLOCK_HZ, SCHEDULERS = 1.98e9, 4
 
 def nf4_issue_bounds(variants: list[dict]) -> list[dict]:
     """NF4 GEMM at decoding size (M = 16): for each sm_90 config, the time to issue its K loops' instructions
-    (warp-instructions over ``SCHEDULERS`` per SM on ``min(programs, SMs)`` SMs at ``CLOCK_HZ``) against the
-    launch's memory floor (its bytes at HBM bandwidth)."""
+    (warp-instructions over ``SCHEDULERS`` per SM on ``min(programs, SMs)`` SMs at ``CLOCK_HZ``; ``splits``
+    programs share each output tile's K-steps, as the launcher chooses them) against the memory floor of the
+    product (its operands' bytes at HBM bandwidth, without the split's partial sums)."""
     rows = []
     for m, k, n in [s for s in NF4_SHAPES if s[0] == 16]:
         launches = plan(nf4_forward, m, k, n, 16)
@@ -297,10 +298,13 @@ def nf4_issue_bounds(variants: list[dict]) -> list[dict]:
             if v["kernel"] != "_gemm_nf4_kernel" or v["target"] != "sm_90" or v["P"] != 16:
                 continue
             c = v["config"]
-            programs = -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"])
-            warp_instructions = programs * (k // c["BLOCK_K"]) * v["k_loops"][0]["instructions"] * c["num_warps"]
+            tiles, k_steps = -(-m // c["BLOCK_M"]) * -(-n // c["BLOCK_N"]), k // c["BLOCK_K"]
+            split = nf4_gemm.splits(tiles, k_steps, sass.HOPPER.sms, floor_us * sass.HOPPER.hbm_bytes_per_s / 1e6, 2 * m * n * 4)
+            programs, steps = tiles * split, -(-k_steps // split)
+            warp_instructions = programs * steps * v["k_loops"][0]["instructions"] * c["num_warps"]
             issue_us = warp_instructions / (SCHEDULERS * min(programs, sass.HOPPER.sms) * CLOCK_HZ) * 1e6
-            rows.append({"M": m, "K": k, "N": n, "config": c, "programs": programs, "issue_us": issue_us,
+            rows.append({"M": m, "K": k, "N": n, "config": c, "splits": split, "programs": programs,
+                         "k_loop_instructions": v["k_loops"][0]["instructions"], "issue_us": issue_us,
                          "memory_floor_us": floor_us, "issue/floor": issue_us / floor_us})  # fmt: skip
     return rows
 

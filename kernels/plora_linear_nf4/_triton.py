@@ -112,18 +112,22 @@ def _configs(swap: bool) -> list[triton.Config]:
     ]
 
 
-#: Fewest K-steps a program of a split reduction runs: below it, the partial sums cost more than the programs gain.
+#: Fewest K-steps a program of a split K loop runs.
 MIN_SPLIT_STEPS = 8
 
 
-def splits(tiles: int, k_steps: int, multiprocessors: int) -> int:
-    """Programs that share one output tile's K loop: the largest power of two with which ``tiles`` output tiles
-    still fit on the GPU's SMs at once (a grid of fewer programs than SMs leaves SMs idle, which at decoding sizes,
-    one program per N-tile, is most of them), each with at least ``MIN_SPLIT_STEPS`` K-steps."""
-    split = 1
-    while tiles * split * 2 <= multiprocessors and k_steps >= MIN_SPLIT_STEPS * split * 2:
-        split *= 2
-    return split
+def splits(tiles: int, k_steps: int, multiprocessors: int, fixed_bytes: float, bytes_per_split: float) -> int:
+    """Programs that share one output tile's K loop, chosen by the roofline model: the power of two that minimises
+    the launch's memory time, ``(fixed_bytes + splits · bytes_per_split) / min(1, programs / multiprocessors)``
+    (a grid of fewer programs than SMs leaves SMs idle, which at decoding sizes, one program per N-tile, is most
+    of them; each split adds fp32 partial sums to write and read back), each program running at least
+    ``MIN_SPLIT_STEPS`` K-steps."""
+
+    def time(split: int) -> float:
+        return (fixed_bytes + (split > 1) * split * bytes_per_split) / min(1.0, tiles * split / multiprocessors)
+
+    candidates = [2**i for i in range(8) if k_steps >= MIN_SPLIT_STEPS * 2**i or i == 0]
+    return min(candidates, key=time)
 
 
 @autotune(
@@ -243,27 +247,30 @@ def gemm_nf4_with_slab(x, nf4, t, g, g_rows_dim: int, active, slab_scale: float,
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     absmax2, code2, offset = (nf4.absmax2, nf4.code2, nf4.offset) if nf4.nested else (nf4.absmax,) * 3
     sms, k_steps = multiprocessors(x.device), triton.cdiv(k, BLOCK_K)
-
-    def tiles(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-
-    configs = _gemm_nf4_kernel.configs  # the scratch serves whichever config the autotuner runs
-    most_tiles = max(tiles(c.kwargs) for c in configs)
-    most_splits = max(splits(tiles(c.kwargs), k_steps, sms) for c in configs)
-    partial = torch.empty((most_splits if most_splits > 1 else 0, m, n), device=x.device, dtype=torch.float32)
-    arrived = torch.zeros(most_tiles if most_splits > 1 else 0, device=x.device, dtype=torch.int32)
     e, slab, bucket = x.element_size(), t is not None, t.shape[1] if t is not None else 0
-    record(
-        "gemm_nf4_with_slab",
-        2 * m * n * k + slab * 2 * m * n * bucket,
+    operand_bytes = (
         (m * k + m * n + (bias is not None) * n) * e
         + nf4.packed.numel()
         + nf4.absmax.numel() * nf4.absmax.element_size()
         + slab * (m * bucket * 4 + n * active.numel() * e)
-        + 2 * partial.numel() * 4,  # partial sums written and read back (at most: the config's split may be smaller)
     )
+
+    def tiles(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+
+    def split(meta):
+        return splits(tiles(meta), k_steps, sms, operand_bytes, 2 * m * n * 4)
+
+    configs = _gemm_nf4_kernel.configs  # the scratch serves whichever config the autotuner runs
+    most_tiles = max(tiles(c.kwargs) for c in configs)
+    most_splits = max(split(c.kwargs) for c in configs)
+    partial = torch.empty((most_splits if most_splits > 1 else 0, m, n), device=x.device, dtype=torch.float32)
+    arrived = torch.zeros(most_tiles if most_splits > 1 else 0, device=x.device, dtype=torch.int32)
+    record("gemm_nf4_with_slab", 2 * m * n * k + slab * 2 * m * n * bucket, operand_bytes)
+    if partial.numel():  # written and read back once (at most: the config the autotuner runs may split less)
+        record("gemm_nf4_partial_sums", 0, 2 * partial.numel() * partial.element_size())
     with device_guard(x):
-        _gemm_nf4_kernel[lambda meta: (tiles(meta), splits(tiles(meta), k_steps, sms))](
+        _gemm_nf4_kernel[lambda meta: (tiles(meta), split(meta))](
             x, nf4.packed, nf4.absmax, absmax2, code2, offset, nf4.code,
             t if t is not None else x, g, active, bias if bias is not None else x, y, partial, arrived,
             m, n, k, active.numel(), g.shape[g_rows_dim], slab_scale, token_bucket(m),

@@ -110,7 +110,7 @@ def test_decoding_size_splits_the_k_loop(device, dtype, with_bias):
     from fed_plora.kernels.plora_linear_nf4._triton import BLOCK_K, splits
 
     m, k, n = 5, 1216, 40
-    assert splits(1, k // BLOCK_K, 3) == 2
+    assert splits(1, k // BLOCK_K, 3, 40e3, 2 * m * n * 4) == 2  # 4 would leave fewer than 8 K-steps a program
     nf4, x, lora_a, lora_b, bias = _case(device, dtype, m=m, k=k, n=n, seed=3)
     active = torch.tensor([5, 1], device=device)
     bias = bias if with_bias else None
