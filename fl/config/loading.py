@@ -52,6 +52,8 @@ ADDED = {
     "methods.hetlora.prune_lambda": 0.0,
     "methods.flexlora.scale": "common",
     "train.logit_adjustment": False,
+    "methods.fedplora.selection": "random",
+    "methods.fedplora.untrained": "fold",
 }
 
 

@@ -17,6 +17,8 @@ from .fedit import FedIT
 from .flora import FLoRA
 from .hetlora import HetLoRA
 from .flexlora import FlexLoRA
+from .fedex import FedEx
+from .rblora import RBLoRA
 
 # isort: on
 
@@ -34,11 +36,13 @@ __all__ = [
     "ClientUpdate",
     "FLoRA",
     "Factors",
+    "FedEx",
     "FedIT",
     "FedPLoRA",
     "FlexLoRA",
     "HetLoRA",
     "MethodOptions",
+    "RBLoRA",
     "RoundResult",
     "Strategy",
     "build_strategy",

@@ -11,6 +11,12 @@ from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_str
 R, K, N = 4, 5, 3
 LAYERS = ("l0", "l1")
 OPTIONS = {"fedit": {"client_rank": 2}, "hetlora": {"prune_gamma": 0.5}}
+#: Every method with its options in ``OPTIONS``, and Fed-PLoRA's ablations besides.
+CASES = [(m, OPTIONS.get(m, {})) for m in STRATEGIES] + [
+    ("fedplora", {"untrained": "drop"}),
+    ("fedplora", {"selection": "first"}),
+    ("fedplora", {"selection": "first", "untrained": "drop"}),
+]
 
 
 def start():
@@ -37,10 +43,10 @@ def template():
     return {n: Factors(torch.full((R, K), 7.0), torch.full((N, R), 7.0)) for n in LAYERS}
 
 
-@pytest.mark.parametrize("method", list(STRATEGIES))
-def test_remote_client_rebuilds_every_plan_and_upload_exactly(method):
+@pytest.mark.parametrize(("method", "options"), CASES)
+def test_remote_client_rebuilds_every_plan_and_upload_exactly(method, options):
     adapter, extra = start()
-    strategy = build_strategy(method, adapter, extra, seed=3, **OPTIONS.get(method, {}))
+    strategy = build_strategy(method, adapter, extra, seed=3, **options)
     cls = type(strategy)
     held: dict[int, dict] = {}  # client -> base updates it has received, by index
     for rnd in range(3):

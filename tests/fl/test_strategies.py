@@ -229,7 +229,7 @@ def test_the_registry_holds_every_method_once_and_refuses_a_taken_name():
     the registry is left as it was."""
     from fed_plora.fl.strategies import STRATEGIES, FedIT, register
 
-    assert list(STRATEGIES) == ["fedplora", "fedit", "flora", "hetlora", "flexlora"]
+    assert list(STRATEGIES) == ["fedplora", "fedit", "flora", "hetlora", "flexlora", "fedex", "rblora"]
     before = dict(STRATEGIES)
     for name in ("fedit", ""):
         clash = type("Clash", (FedIT,), {"name": name})
