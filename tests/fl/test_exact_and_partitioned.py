@@ -4,12 +4,13 @@ hand-made tensors and, for FedEx-LoRA, through the simulator."""
 
 import pytest
 import torch
-from helpers import needs_data, tiny_config
+from helpers import REPO_ROOT, needs_data, tiny_config
 
 from fed_plora.fl.measures import costs
 from fed_plora.fl.measures.noise import round_aggregation_noise
-from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
+from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
 from fed_plora.fl.strategies.fedplora import select_modules, selection_seed
+from fed_plora.fl.study.config import load_study
 
 R, K, N = 4, 7, 5
 S = 2.0  # the layers' scale alpha / R
@@ -265,3 +266,36 @@ def test_fedex_with_one_full_rank_client_is_centralised_training(tiny_models, tm
         assert ours["agg_noise"] < 1e-6
     assert fedex[0]["bytes_down_fp32"] == fedit[0]["bytes_down_fp32"]  # nothing merged before round 1
     assert fedex[2]["bytes_down_fp32"] > fedit[2]["bytes_down_fp32"]  # the residual of round 2
+
+
+def test_the_methods_study_runs_every_method_and_each_ablation_changes_one_thing():
+    """``configs/study_sst2_methods.toml`` loads (every cell's config valid): 5 seeds, both levels with the seven
+    methods and the majority and centralised rows; each severe-level ablation is the severe setting's
+    Fed-PLoRA with one change."""
+    study = load_study(REPO_ROOT / "configs" / "study_sst2_methods.toml")
+    assert study.seeds == [0, 1, 2, 3, 4] and len(study.cells) == 5 * 5
+    for level in ("moderate", "severe"):
+        config = study.cell(level, 0).config
+        assert config.methods.names == list(STRATEGIES) and config.references.names == ["majority", "centralised"]
+        assert config.federation.partition == "dirichlet" and config.federation.dirichlet_alpha == 0.5
+    severe = study.cell("severe", 0).config.to_dict()
+    changes = {
+        "severe-first": ("methods", "fedplora", "selection", "first"),
+        "severe-drop": ("methods", "fedplora", "untrained", "drop"),
+        "severe-uniform": ("federation", "weighting", "uniform"),
+    }
+    for setting, change in changes.items():
+        ablated = study.cell(setting, 0).config.to_dict()
+        assert ablated["methods"]["names"] == ["fedplora"] and ablated["references"]["names"] == []
+        expected = {
+            **severe,
+            "run": ablated["run"],
+            "methods": {**severe["methods"], "names": ["fedplora"]},
+            "references": {**severe["references"], "names": []},
+        }
+        *path, key, value = change
+        table = expected
+        for part in path:
+            table[part] = table = dict(table[part])
+        table[key] = value
+        assert ablated == expected, setting
