@@ -17,12 +17,12 @@ import sys
 from .config import SECTIONS, ConfigError, field_rows, load_config, toml_literal
 from .data import TASKS, DataError
 from .rounds.checkpoint import CheckpointError
-from .storage import FileFormatError
+from .storage import FileFormatError, InUseError, UnsafePathError, exclusive_lock
 from .strategies import STRATEGIES
 
 #: Errors that stop a run with a message and exit status 2 (no traceback): a bad config, a run directory
 #: that cannot be used (``run.rundir.RunDirectoryError``), data or files that cannot be read.
-REFUSALS = (ConfigError, DataError, CheckpointError, FileFormatError, FileNotFoundError)
+REFUSALS = (ConfigError, DataError, CheckpointError, FileFormatError, UnsafePathError, InUseError, FileNotFoundError)
 
 #: Flags that are shortcuts for ``--set section.key=value``.
 SHORTCUTS = {
@@ -175,8 +175,9 @@ def _study(args: argparse.Namespace) -> int:
         for cell in study.cells:
             cell.config.task.data_dir = args.data_dir
     if args.report_only:
-        check_recorded(study.cells)
-        print(f"report: {write_report(study)}")
+        with exclusive_lock(study.directory, "fed-plora study"):
+            check_recorded(study.cells)
+            print(f"report: {write_report(study)}")
         return 0
     try:
         outcome = run_study(study, args.workers, listed(args.seeds, int), listed(args.only, str), progress=not args.no_progress)

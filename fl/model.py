@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fed_plora import plora
+from fed_plora.plora.inject import extra_modules
 
 from .data import TaskSpec, task_from_config
 from .strategies import Adapter, Factors
@@ -44,14 +45,18 @@ def load_tokenizer(name: str):
 def load_model(name: str, task: TaskSpec, pad_id: int, seed: int, device: torch.device, base_dtype: torch.dtype) -> nn.Module:
     """A sequence classifier (``task.num_labels``) or a causal LM, in eval mode on ``device``.
 
-    The seed is set first so that a fresh head is initialised identically for every method of a run.
+    The seed is set first so that a fresh head is initialised identically for every method of a run. A
+    classifier checkpoint whose head has another number of labels than the task gets a fresh head.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     torch.manual_seed(seed)
     if task.kind == "classification":
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=task.num_labels, dtype=base_dtype)
+        other_head = AutoConfig.from_pretrained(path).num_labels != task.num_labels
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=other_head
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype)
     model.config.pad_token_id = pad_id
@@ -71,13 +76,14 @@ def inject_plora(
     the modules ``extra`` (default: the classification head, if any) stay trainable, in fp32. Adapters are
     fp32 masters."""
     heads = [h for h in HEAD_NAMES if hasattr(model, h)] if extra is None else list(extra)
-    for head in heads:
-        model.get_submodule(head).float()
     torch.manual_seed(seed)
     config = plora.PLoRAConfig(
         r=rank, alpha=alpha, target_modules=targets, dropout=dropout, modules_to_save=heads, adapter_dtype=torch.float32
     )
-    return plora.inject(model, config)
+    plora.inject(model, config)  # refuses a head the model does not have, before anything changes
+    for name in extra_modules(model, model.plora_config):
+        model.get_submodule(name).float()
+    return model
 
 
 def inject_configured(model: nn.Module, config) -> nn.Module:

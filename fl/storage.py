@@ -9,14 +9,26 @@ link planted at their place.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: How a non-finite float is written (JSON has no such numbers).
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class UnsafePathError(ValueError):
+    """A path a run or study would write through that is a link, or a directory's place taken by a file."""
+
+
+class InUseError(RuntimeError):
+    """A directory another process is writing (it holds the directory's lock)."""
 
 
 class FileFormatError(ValueError):
@@ -45,13 +57,34 @@ def restore_floats(record: dict, keep: tuple[str, ...] = ("method",)) -> dict:
     return {k: NONFINITE[v] if k not in keep and isinstance(v, str) and v in NONFINITE else v for k, v in record.items()}
 
 
+def json_value(text: str):
+    """``json.loads(text)``, with a value nested deeper than the parser can follow raised as a
+    ``json.JSONDecodeError`` at its deepest point (not a ``RecursionError`` that names nothing)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        depth, deepest, where, in_string, escaped = 0, 0, 0, False, False
+        for i, ch in enumerate(text):
+            if in_string:
+                escaped, in_string = (False, in_string) if escaped else (ch == "\\", ch != '"')
+            elif ch == '"':
+                in_string = True
+            elif ch in "[{":
+                depth += 1
+                if depth > deepest:
+                    deepest, where = depth, i
+            elif ch in "]}":
+                depth -= 1
+        raise json.JSONDecodeError(f"nested {deepest} levels deep, deeper than the JSON reader follows", text, where) from None
+
+
 def loads(text: str | bytes, path: Path, line: int | None = None):
     """The JSON value of ``text`` read from ``path`` (``line``: the line of a JSON lines file it is);
     ``FileFormatError`` naming the file, line and column."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text)
+        return json_value(text)
     except UnicodeDecodeError as error:
         where = f"{path}, line {line}" if line else str(path)
         raise FileFormatError(f"{where}: not UTF-8 text (byte {error.start}); the file is damaged") from None
@@ -96,6 +129,45 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _sync_dir(path.parent)
+
+
+def ensure_directory(path: Path) -> Path:
+    """``path`` as a directory to write into, made (with its parents) where missing; ``UnsafePathError``
+    when it is a link or not a directory (files are never written through a link)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise UnsafePathError(f"{path} is a link: files are written into a directory, never through a link")
+    if path.exists() and not path.is_dir():
+        raise UnsafePathError(f"{path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def exclusive_lock(directory: Path, user: str) -> Iterator[None]:
+    """Hold ``directory``'s lock (its file ``.lock``, an advisory ``flock`` the system releases when the
+    process ends, even killed) while the block runs; ``InUseError`` naming ``user`` (what takes it, e.g.
+    "fed-plora study") when another process holds it."""
+    directory = ensure_directory(directory)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InUseError(f"{directory} is in use by another {user}: wait for it to end, or stop it") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write_figure(path: Path, figure) -> Path:
+    """A matplotlib ``figure`` as PNG at ``path``, written with ``atomic_write`` (never through a link)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue())
+    return Path(path)
 
 
 def atomic_write_json(path: Path, payload) -> None:

@@ -41,6 +41,19 @@ def check_same_device(name: str, value: torch.Tensor, device: torch.device, like
         raise ValueError(f"{name} must be on {device} (the device of {like}), got {value.device}")
 
 
+def check_writable_once(name: str, value: torch.Tensor) -> None:
+    """An in-place kernel's output: every element in a place of its own (as torch's in-place ops require);
+    ``ValueError`` for a tensor whose elements share memory (a stride 0 from ``expand``, overlapping strides)."""
+    reach = 1  # one past the farthest offset the smaller-stride dims reach
+    for size, stride in sorted(((s, st) for s, st in zip(value.shape, value.stride()) if s > 1), key=lambda d: d[1]):
+        if stride < reach:
+            raise ValueError(
+                f"{name}: elements share memory (shape {tuple(value.shape)}, strides {value.stride()}; e.g. an expand()): "
+                "an in-place kernel writes each element once, pass a tensor with its own storage (.contiguous())"
+            )
+        reach += stride * (size - 1)
+
+
 def check_scale(name: str, value) -> float:
     """A finite real number (Python or 0-d tensor on any device is rejected: it would need a sync)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

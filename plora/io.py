@@ -59,6 +59,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], st
             raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
         if value.shape != expected[key]:
             raise ValueError(f"state[{key!r}] must have shape {tuple(expected[key])}, got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"state[{key!r}] must be a floating-point tensor (module values), got {value.dtype}")
     check_finite({key: state[key] for key in expected if key in state})
     touched = {n: layer for n, layer in layers.items() if f"{n}.lora_a" in state or f"{n}.lora_b" in state}
     folded = [n for n, layer in touched.items() if layer.indices("folded")]

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -121,6 +122,16 @@ def from_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{config_path}: PLoRA needs one global rank, got r={peft_config.r} and rank_pattern={peft_config.rank_pattern}"
         )
 
+    ours, theirs = (
+        getattr(model.config, "_name_or_path", "") if hasattr(model, "config") else "",
+        peft_config.base_model_name_or_path,
+    )
+    if ours and theirs and Path(ours).name != Path(theirs).name:
+        warnings.warn(
+            f"{config_path}: the adapter was trained on {theirs!r}, this model is {ours!r}; loaded as its layer names and "
+            "shapes fit (a fine-tuned variant of the same base is a common use)",
+            stacklevel=2,
+        )
     rank = peft_config.r
     # PEFT scales by alpha / r (rsLoRA: alpha / sqrt(r)); PLoRA by alpha / R.
     factor = math.sqrt(rank) if peft_config.use_rslora else 1.0

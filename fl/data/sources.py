@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..storage import json_value
+
 SPLITS = ("train", "eval")
 
 #: Environment variable naming the local data directory (the layout of ``shared/data``).
@@ -126,7 +128,7 @@ def json_lines(path: Path, expected: str, offset: str = "column") -> list[tuple[
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_value(line)
         except json.JSONDecodeError as error:
             raise DataError(
                 f"{path}, line {number}, {offset} {error.colno}: not valid JSON ({error.msg}); expected {expected}"
@@ -155,7 +157,7 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
 def _json(path: Path, expected: str):
     lines = _lines(path, expected)  # empty, binary and NUL checks, with lines
     try:
-        return json.loads("\n".join(line for _, line in lines))
+        return json_value("\n".join(line for _, line in lines))
     except json.JSONDecodeError as error:
         raise DataError(
             f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg}); expected {expected}"

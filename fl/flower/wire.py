@@ -132,9 +132,10 @@ def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> R
 
 
 def read_reply(content: RecordDict) -> tuple[dict[str, torch.Tensor], int, TrainStats, float]:
-    """``(uploaded tensors, num_examples, stats, seconds)`` of a client's reply."""
+    """``(uploaded tensors, num_examples, stats, seconds)`` of a client's reply, its claims as sent (never
+    converted: ``check_claims`` judges them, so that ``steps = 1.9`` is not read as 1)."""
     if "upload" not in content or "stats" not in content:
         raise ValueError(f"reply must carry 'upload' and 'stats' records, got {sorted(content)}")
     stats = content["stats"]
-    train = TrainStats(float(stats["loss"]), int(stats["steps"]), int(stats["tokens"]), float(stats["train-seconds"]))
+    train = TrainStats(stats["loss"], stats["steps"], stats["tokens"], float(stats["train-seconds"]))
     return from_arrays(content["upload"]), stats["num-examples"], train, float(stats["seconds"])

@@ -24,7 +24,16 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..storage import FileFormatError, atomic_write, atomic_write_json, digest_json, read_json, restore_floats, sha256_bytes
+from ..storage import (
+    FileFormatError,
+    atomic_write,
+    atomic_write_json,
+    digest_json,
+    ensure_directory,
+    read_json,
+    restore_floats,
+    sha256_bytes,
+)
 
 #: The checkpoint format written; ``LEGACY_FORMAT`` (before checksums) is still read, unverified.
 FORMAT = 2
@@ -79,7 +88,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint, run: str | None = N
     """Write ``checkpoint`` under ``directory`` (``run``: the run's id, checked on load) and delete the
     tensor files it supersedes (only ``<method>.round<k>.safetensors`` files of that directory)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     name = tensor_file(checkpoint.method, checkpoint.rounds_done)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in checkpoint.tensors.items()}
     data = save_tensors(tensors)
@@ -104,7 +113,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint, run: str | None = N
 
 def load_checkpoint(directory: Path, method: str, run: str | None = None) -> Checkpoint | None:
     """The latest checkpoint of ``method`` under ``directory``, or None when there is none; checked as the
-    module says (``run``: the run's id, when known). ``CheckpointError`` names the file and the problem."""
+    module says (``run``: the run's id, when known: its checkpoints carry checksums, and one without is
+    refused). ``CheckpointError`` names the file and the problem."""
     directory = Path(directory)
     index = directory / f"{method}.json"
     if not index.exists() and not index.is_symlink():
@@ -120,6 +130,11 @@ def load_checkpoint(directory: Path, method: str, run: str | None = None) -> Che
     fmt = payload.get("format")
     if fmt not in (FORMAT, LEGACY_FORMAT):
         raise CheckpointError(f"{index}: checkpoint format {fmt!r}, this version reads {FORMAT} (and {LEGACY_FORMAT})")
+    if fmt == LEGACY_FORMAT and run is not None:
+        raise CheckpointError(
+            f"{index}: format {LEGACY_FORMAT} (no checksums) in run {run!r}, whose checkpoints all carry them: "
+            "changed or damaged since it was written"
+        )
     if fmt == FORMAT:
         body = {k: v for k, v in payload.items() if k != "sha256"}
         if payload.get("sha256") != digest_json(body):

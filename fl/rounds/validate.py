@@ -65,6 +65,8 @@ def check_claims(plan: ClientPlan, update: ClientUpdate, stats, num_examples: in
         raise RejectedUpdate(f"claims {stats.steps!r} local steps; the plan is {steps}")
     if isinstance(stats.loss, bool) or not isinstance(stats.loss, (int, float)) or not math.isfinite(stats.loss):
         raise RejectedUpdate(f"claims a training loss of {stats.loss!r}; expected a finite number")
+    if isinstance(stats.tokens, bool) or not isinstance(stats.tokens, int) or stats.tokens < 0:
+        raise RejectedUpdate(f"claims {stats.tokens!r} tokens trained on; expected an integer >= 0")
 
 
 def update_from_upload(plan: ClientPlan, num_examples: int, sent: dict[str, torch.Tensor]) -> ClientUpdate:

@@ -22,19 +22,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError, reference_rows
-from ..device import pick_device, precision
-from ..federation import client_summary, federation_and_fingerprint
+from ..device import pick_device, precision, precision_context
+from ..federation import Federation, client_summary, federation_and_fingerprint
 from ..model import inject_configured, load_model, load_tokenizer, resolve_model_path
 from ..rounds.checkpoint import Checkpoint, capture_rng, load_checkpoint, save_checkpoint
+from ..rounds.schedule import round_lr
 from ..rounds.simulate import simulate
 from .references import run_reference
 from .report import RunWriter
 from .rundir import (
+    MANIFEST,
     MAY_DIFFER,
     RunDirectoryError,
     check_checkpoints,
     check_resumed_data,
     check_same_config,
+    check_writable,
     config_json,
     existing_run_files,
     read_run_json,
@@ -85,6 +88,7 @@ def run_experiment(
     directory = Path(config.run.out_dir) / config.run.name
     manifest, saved = None, {}
     if resume:
+        check_writable(directory)
         manifest = verified_manifest(directory)
         if manifest is not None:
             check_same_config(manifest["config"], config_json(config, ""), "the config given", ignore=(*MAY_DIFFER, "command"))
@@ -93,6 +97,7 @@ def run_experiment(
     tokenizer = _tokenizer(config)
     fed, fingerprint = federation_and_fingerprint(config, tokenizer)
     _check_injection(config, fed.task)
+    first_model = [_tried_model(config, fed, tokenizer, device, base_dtype, autocast_dtype)]
     clients = client_summary(fed)
     if resume:
         run_id = manifest["run"] if manifest is not None else None
@@ -100,18 +105,19 @@ def run_experiment(
         check_checkpoints(directory, config, manifest, saved)
         check_resumed_data(directory, manifest, fingerprint, clients)
     else:  # every check passed: now the run directory is written
-        if existing and overwrite:
+        if existing:
             remove_run(directory, existing)
         run_id = start_run(directory, config, command, clients, fingerprint)
     writer = RunWriter(directory, [r for c in saved.values() if c is not None for r in c.records])
     task = fed.task
+    model_args = (config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
     results = {}
     for method in config.methods.names:
         checkpoint = saved.get(method)
         if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
             results[method] = checkpoint.records
             continue
-        model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+        model = first_model.pop() if first_model else load_model(*model_args)
         done = checkpoint.rounds_done if checkpoint else 0
         bar = tqdm(total=config.federation.rounds, initial=done, desc=f"{method:>9}", disable=not progress, leave=True)
 
@@ -139,7 +145,7 @@ def run_experiment(
         if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
             results[name] = checkpoint.records
             continue
-        model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+        model = first_model.pop() if first_model else load_model(*model_args)
         if progress:
             tqdm.write(f"reference {name} ...")
         results[name] = run_reference(config, name, fed, model, tokenizer, autocast_dtype)
@@ -148,7 +154,7 @@ def run_experiment(
             writer.append(record)
         del model
     table = writer.finish(results, task.metric, command)
-    _raise_if_all_failed({m: results[m] for m in config.methods.names}, writer.dir, table)
+    _raise_if_all_failed(config, {m: results[m] for m in config.methods.names}, writer.dir, table)
     return writer.dir, table
 
 
@@ -163,6 +169,11 @@ def resume_experiment(directory: Path, progress: bool = True, data_dir: str | No
     there must be the run's (same examples), else the resume is refused."""
     directory = Path(directory)
     path = directory / "config.json"
+    if (directory / MANIFEST).is_file() and not path.exists():
+        raise RunDirectoryError(
+            f"{directory}: the run was killed while it was being created (no config.json; it never ran a round): "
+            "start it again with `fed-plora run` and the same name (the files of a run that never started are replaced)"
+        )
     if not path.is_file():
         raise RunDirectoryError(f"{directory} is not a run directory: no config.json")
     manifest = verified_manifest(directory)
@@ -211,9 +222,39 @@ def _check_injection(config: Config, task) -> None:
         raise ConfigError(f"model.target_modules / model.extra_trainable: {error}") from None
 
 
-def _raise_if_all_failed(results: dict[str, list[dict]], directory: Path, table: str) -> None:
-    """``RunFailed`` when, for some method, no round had an accepted client update."""
-    failed = {m: records for m, records in results.items() if records and all(not r.get("ranks") for r in records)}
+def _tried_model(config: Config, fed: Federation, tokenizer, device, base_dtype, autocast_dtype) -> torch.nn.Module:
+    """The run's backbone, loaded as every method loads it and run once, without gradients, on an input as
+    long as the run's longest (a training example, or an evaluation prompt with the tokens it may generate):
+    a model that cannot load for the task or cannot take the run's lengths fails here, before anything is
+    written. Returned unchanged, for the first method to use."""
+    task = fed.task
+    try:
+        model = load_model(config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+    except Exception as error:
+        raise ConfigError(f"model.name = {config.model.name!r}: cannot load it for task {task.name} ({error})") from None
+    generated = (config.task.max_new_tokens or task.max_new_tokens) if task.kind == "generation" else 0
+    length = max([len(f["input_ids"]) for f in fed.train] + [len(f["input_ids"]) + generated for f in fed.eval])
+    ids = torch.full((1, length), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad(), precision_context(device, autocast_dtype):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as error:
+        raise ConfigError(
+            f"task.max_length = {config.task.max_length}: model {config.model.name!r} cannot take the run's longest input "
+            f"({length} tokens{f', {generated} of them generated' if generated else ''}): {type(error).__name__}: {error}"
+        ) from None
+    return model
+
+
+def _raise_if_all_failed(config: Config, results: dict[str, list[dict]], directory: Path, table: str) -> None:
+    """``RunFailed`` when, for some method, no round that trained had an accepted client update (a round at
+    learning rate 0, the last of a cosine schedule to 0, changes nothing: its accepted updates do not count)."""
+    trained = {rnd + 1 for rnd in range(config.federation.rounds) if round_lr(config, rnd) > 0}
+
+    def all_failed(records: list[dict]) -> bool:
+        return all(not r.get("ranks") for r in records if r.get("round") in trained)
+
+    failed = {m: records for m, records in results.items() if records and all_failed(records)}
     if not failed:
         return
     reasons = []
@@ -222,7 +263,8 @@ def _raise_if_all_failed(results: dict[str, list[dict]], directory: Path, table:
         first = f"round {faults[0][0]}, client {faults[0][1].get('client')}: {faults[0][1].get('reason')}" if faults else "none"
         reasons.append(f"{method} ({len(faults)} failures; first: {first})")
     raise RunFailed(
-        f"every client of every round failed for {', '.join(failed)}: its results are those of the untrained model "
+        f"every client of every round failed for {', '.join(failed)} (rounds at learning rate 0 aside): its results are those "
+        "of the untrained model "
         f"({'; '.join(reasons)}); see the faults in {directory / 'metrics.jsonl'}",
         directory,
         table,

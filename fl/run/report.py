@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage import append_jsonl, atomic_write, atomic_write_json, write_jsonl
+from ..storage import append_jsonl, atomic_write, atomic_write_json, ensure_directory, write_figure, write_jsonl
 
 #: Bytes per MiB, for the table and plots.
 MB = 2**20
@@ -112,7 +112,7 @@ def plot_curves(results: dict[str, list[dict]], metric: str, path: Path) -> Path
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig)
     plt.close(fig)
     return path
 
@@ -127,8 +127,7 @@ class RunWriter:
     """
 
     def __init__(self, directory: Path, records: list[dict] = ()):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = ensure_directory(directory)
         self.checkpoints = self.dir / "checkpoints"
         self.metrics_path = self.dir / "metrics.jsonl"
         write_jsonl(self.metrics_path, list(records))

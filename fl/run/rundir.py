@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 from pathlib import Path
 
 from ..config import REFERENCES, Config, config_differences
 from ..rounds.checkpoint import LEGACY_FORMAT
-from ..storage import FileFormatError, atomic_write, digest_json, dumps, finite_json, read_json, sha256_bytes, sha256_file
+from ..storage import (
+    FileFormatError,
+    atomic_write,
+    digest_json,
+    dumps,
+    ensure_directory,
+    finite_json,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 from ..strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -26,6 +37,9 @@ MANIFEST_FORMAT = 1
 #: The files a run writes at the top of its directory (besides ``checkpoints/``); ``overwrite`` removes
 #: these (and their temporary files) and the checkpoints, and refuses a directory that holds anything else.
 RUN_FILES = (MANIFEST, "config.json", "clients.json", "metrics.jsonl", "summary.md", "summary.json", "curves.png")
+#: What a new run writes before its first round (``start_run``): a directory holding only these is a run
+#: killed while it started, which a new run replaces without ``overwrite``.
+START_FILES = RUN_FILES[:3]
 _CHECKPOINT_FILE = re.compile(r"\.?(" + "|".join((*STRATEGIES, *REFERENCES)) + r")(\.json|\.round\d+\.safetensors)(\.tmp)?")
 #: Fields a resume may change: where the run lies and where its data lies (the data must be the same).
 MAY_DIFFER = ("run.out_dir", "run.name", "task.data_dir", "task.train_file", "task.eval_file")
@@ -37,14 +51,14 @@ class RunDirectoryError(ValueError):
 
 def existing_run_files(directory: Path, overwrite: bool) -> list[Path]:
     """What a new run would replace in ``directory``: nothing (absent or empty), or, with ``overwrite``,
-    the files of an earlier run; ``RunDirectoryError`` otherwise."""
-    if not directory.exists() and not directory.is_symlink():
+    the files of an earlier run; ``RunDirectoryError`` otherwise (and for a directory that cannot be written:
+    ``check_writable``)."""
+    check_writable(directory)
+    if not directory.exists():
         return []
-    if not directory.is_dir():
-        raise RunDirectoryError(f"{directory} exists and is not a directory")
     entries = sorted(directory.iterdir())
-    if not entries:
-        return []
+    if all(_is_run_file(p, START_FILES) for p in entries):
+        return entries  # nothing, or the start of a run killed before its first round: nothing is lost
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
     if not overwrite:
         raise RunDirectoryError(
@@ -66,14 +80,35 @@ def existing_run_files(directory: Path, overwrite: bool) -> list[Path]:
     return entries
 
 
-def _is_run_file(path: Path) -> bool:
+def check_writable(directory: Path) -> None:
+    """``RunDirectoryError`` unless a run can be written at ``directory``: not a link (a run's files never
+    go through one), a directory where it exists, and else under an existing directory, the one to write in
+    being writable."""
+    if directory.is_symlink():
+        raise RunDirectoryError(f"run directory {directory} is a link: a run directory is never one (name the directory itself)")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "the run directory" if existing == directory else f"its parent {existing}"
+        raise RunDirectoryError(f"run directory {directory}: {what} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirectoryError(f"run directory {directory}: {existing} is not writable (permission denied)")
+
+
+def _is_run_file(path: Path, names: tuple[str, ...] = RUN_FILES) -> bool:
+    """A file or folder a run writes: one of ``names`` (or its temporary file) as a plain file, or
+    ``checkpoints/`` when ``names`` are ``RUN_FILES``."""
+    if path.is_symlink():
+        return False
     if path.name == "checkpoints":
-        return path.is_dir() and not path.is_symlink()
-    return path.name in RUN_FILES or (path.name.startswith(".") and path.name.endswith(".tmp") and path.name[1:-4] in RUN_FILES)
+        return names == RUN_FILES and path.is_dir()
+    temporary = path.name.startswith(".") and path.name.endswith(".tmp") and path.name[1:-4] in names
+    return path.is_file() and (path.name in names or temporary)
 
 
 def remove_run(directory: Path, entries: list[Path]) -> None:
-    """Delete an earlier run's files (checked by ``existing_run_files``), checkpoints first."""
+    """Delete an earlier run's files (``existing_run_files``' list, each checked there), checkpoints first."""
     for path in entries:
         if path.name == "checkpoints":
             for item in path.iterdir():
@@ -91,7 +126,7 @@ def config_json(config: Config, command: str) -> dict:
 
 def start_run(directory: Path, config: Config, command: str, clients: list[dict], fingerprint: dict) -> str:
     """Write a new run's ``manifest.json``, ``config.json`` and ``clients.json``; the run's id."""
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_directory(directory)
     content = config_json(config, command)
     files = {
         "config.json": (dumps(content, indent=2) + "\n").encode(),

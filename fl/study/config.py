@@ -61,6 +61,12 @@ class Study:
         return next(c for c in self.cells if c.setting == setting and c.seed == seed)
 
 
+#: The files a study writes at the top of its directory (``write_report``): no setting takes one's name.
+STUDY_FILES = ("results.jsonl", "summary.json", "report.md", "metric.png", "curves.png", "traffic.png")
+#: The longest setting name (a file system allows 255 bytes per name; a cell's directory is ``<setting>/seed<k>``).
+MAX_SETTING_NAME = 100
+
+
 def _problem(message: str, path: Path) -> StudyError:
     return StudyError(f"study {path}: {message}")
 
@@ -99,15 +105,29 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(settings, dict) or not settings or not all(isinstance(t, dict) for t in settings.values()):
         raise _problem("[settings] must hold one table per setting: [settings.<name>]", path)
     for setting, table in settings.items():
-        if not is_plain_name(setting):
-            raise _problem(f"setting name {setting!r}: must be a plain directory name", path)
+        if not is_setting_name(setting):
+            raise _problem(
+                f"setting name {setting!r}: must be a plain directory name of at most {MAX_SETTING_NAME} characters, "
+                f"not starting with '.' and not one of the study's own files ({', '.join(STUDY_FILES)})",
+                path,
+            )
         study.settings[setting] = flatten(table)
         overrides = {**study.common, **study.settings[setting]}
         fixed = [k for k in overrides if k in STUDY_FIELDS]
         if fixed:
             raise _problem(f"setting {setting!r}: {', '.join(fixed)} are set by the study (seeds, out_dir), not a setting", path)
         study.cells += [Cell(setting, seed, _cell_config(study, setting, seed, overrides)) for seed in study.seeds]
+    for cell in study.cells:
+        if study.baseline not in cell.config.methods.names:
+            methods = ", ".join(cell.config.methods.names)
+            raise _problem(f"study.baseline = {study.baseline!r}: not a method of setting {cell.setting!r} ({methods})", path)
     return study
+
+
+def is_setting_name(name: str) -> bool:
+    """A setting's name, the directory of its cells: a plain name, not hidden, not a file of the study's own
+    (``STUDY_FILES``), short enough for its cells' paths."""
+    return is_plain_name(name) and not name.startswith(".") and name not in STUDY_FILES and len(name) <= MAX_SETTING_NAME
 
 
 def _head(head, path: Path) -> Study:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import write_figure
 from .stats import mean_std
 
 
@@ -50,7 +51,7 @@ def plot_metric(settings: dict, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig)
     plt.close(fig)
     return path
 
@@ -96,7 +97,7 @@ def _panels(rows: list[dict], settings: list[str], x_key: str, xlabel: str, path
     for ax in list(axes.flat)[len(settings) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(path, fig)
     plt.close(fig)
     return path
 

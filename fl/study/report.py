@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import Config, toml_literal
 from ..run.report import MB
-from ..storage import atomic_write, atomic_write_json, read_jsonl, restore_floats, write_jsonl
+from ..storage import atomic_write, atomic_write_json, ensure_directory, read_jsonl, restore_floats, write_jsonl
 from ..strategies import STRATEGIES
 from .cells import cell_state
 from .config import Cell, Study
@@ -224,8 +224,7 @@ def write_report(study: Study, failed: dict[str, str] | None = None) -> Path:
         if r["all_clients_failed"]
     ]
     settings = summarise(study, rows)
-    directory = study.directory
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_directory(study.directory)
     write_jsonl(directory / "results.jsonl", rows)
     summary = {"study": study.name, "baseline": study.baseline, "seeds": study.seeds, "missing": missing, "settings": settings}
     atomic_write_json(directory / "summary.json", summary)

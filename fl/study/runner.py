@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import Config, ConfigError
+from ..storage import exclusive_lock
 from .cells import cell_state, check_recorded
 from .config import Cell, Study, StudyError
 
@@ -66,8 +67,14 @@ def run_study(
     ``report.md``, ``summary.json`` and plots. ``workers`` (default the study's): 1 runs the cells in this
     process, with its threads; more runs them in that many processes of one thread each (even a single cell,
     so that a cell's numbers do not depend on what else runs). Every recorded config is checked first
-    (``check_recorded``); a KeyboardInterrupt stops the study with every cell resumable."""
+    (``check_recorded``); a KeyboardInterrupt stops the study with every cell resumable. The study's directory
+    is locked meanwhile: a second command on it is refused (``InUseError``)."""
     cells = select(study, seeds, only)
+    with exclusive_lock(study.directory, "fed-plora study"):
+        return _run_cells(study, cells, workers, progress, report)
+
+
+def _run_cells(study: Study, cells: list[Cell], workers: int | None, progress: bool, report: bool) -> StudyOutcome:
     check_recorded(study.cells)
     outcome = StudyOutcome(study.directory)
     states = {c.name: cell_state(c) for c in cells}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_dtype, check_tensor
+from .._checks import check_float_dtype, check_tensor, check_writable_once
 from .._runtime import INTERPRET, rank_bucket
 from ._args import check_fold_args
 from ._triton import fold_launch
@@ -41,6 +41,7 @@ def unfold_(
 def _fold(weight, lora_a, lora_b, indices, scale, sign: float) -> torch.Tensor:
     check_tensor("weight", weight, ndim=2)
     check_float_dtype("weight", weight)
+    check_writable_once("weight", weight)
     scale, indices = check_fold_args("weight", tuple(weight.shape), weight.dtype, weight.device, lora_a, lora_b, indices, scale)
     scale *= sign
     if indices.numel() == 0 or weight.numel() == 0:

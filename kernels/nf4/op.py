@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float_dtype, check_tensor
+from .._checks import check_float_dtype, check_tensor, check_writable_once
 from .._runtime import INTERPRET, rank_bucket
 from ..fold import fold_
 from ..fold._args import check_fold_args
@@ -97,6 +97,8 @@ def _fold_nf4(param, lora_a, lora_b, indices, scale, quant_state, sign: float) -
     if len(nf4.shape) != 2:
         raise ValueError(f"param must hold a 2-D [N, K] weight, got quant_state shape {tuple(nf4.shape)}")
     scale, indices = check_fold_args("param", tuple(nf4.shape), nf4.dtype, nf4.device, lora_a, lora_b, indices, scale)
+    for name, tensor in (("param (its packed codes)", nf4.packed), ("quant_state.absmax", nf4.absmax)):
+        check_writable_once(name, tensor)
     scale *= sign
     if indices.numel() == 0 or nf4.numel == 0:
         return

@@ -98,7 +98,9 @@ def test_a_holdout_must_leave_a_training_example_per_client(cola_train_only, tok
     cfg = config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={holdout}")
     with pytest.raises(ConfigError, match=r"task\.holdout_examples = \d+: too many .*federation\.clients = 3"):
         federation_and_fingerprint(cfg, tokenizer)
-    federation_and_fingerprint(config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={TRAIN_ROWS - 3}"), tokenizer)
+    federation_and_fingerprint(
+        config(cola_train_only, 'task.eval_split="train_holdout"', f"task.holdout_examples={TRAIN_ROWS - 3}"), tokenizer
+    )
 
 
 def test_split_off():

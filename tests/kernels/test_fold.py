@@ -92,6 +92,8 @@ def test_fold_bumps_version_so_autograd_sees_it(device):
         (lambda w, a, b, i: (w, a, b, torch.cat([i, i]), 1.0), ValueError, "must not repeat"),
         (lambda w, a, b, i: (w, a, b, i, float("nan")), ValueError, "scale must be finite"),
         (lambda w, a, b, i: (w, a, b, i, torch.tensor(1.0)), TypeError, "scale must be a Python float"),
+        (lambda w, a, b, i: (w[:1].expand(8, 12), a, b, i, 1.0), ValueError, r"weight: elements share memory .*strides \(0, 1\)"),
+        (lambda w, a, b, i: (w.as_strided((8, 12), (1, 1)), a, b, i, 1.0), ValueError, "weight: elements share memory"),
     ],
 )
 def test_fold_rejects_bad_arguments_before_writing(device, change, error, message):

@@ -44,6 +44,8 @@ def test_load_validates_keys_and_shapes_before_writing():
         plora.load_adapter_state_dict(model, bad)
     with pytest.raises(TypeError, match="torch.Tensor"):
         plora.load_adapter_state_dict(model, {**state, key: [0.0]})
+    with pytest.raises(TypeError, match=f"{key}.*must be a floating-point tensor .module values., got torch.int32"):
+        plora.load_adapter_state_dict(model, {**state, key: state[key].int()})
     torch.testing.assert_close(plora.adapter_state_dict(model), reference, rtol=0, atol=0)
     missing, unexpected = plora.load_adapter_state_dict(model, {key: state[key] * 2, "stray": state[key]}, strict=False)
     assert unexpected == ["stray"] and key not in missing and len(missing) == 5

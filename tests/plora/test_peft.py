@@ -1,5 +1,7 @@
 """PEFT interop on the real all-MiniLM-L6-v2 (offline): export loads in PEFT with identical outputs."""
 
+import json
+
 import pytest
 import torch
 from helpers import randomize_adapters, tiny_model, token_batch
@@ -62,3 +64,17 @@ def test_from_peft_reads_a_peft_trained_adapter_with_head_and_refuses_pickle(tmp
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     with pytest.raises(ValueError, match="pickled"):
         plora.from_peft(tiny_model("bert"), tmp_path)
+
+
+def test_from_peft_warns_when_the_adapter_names_another_base_model(tmp_path):
+    """Layer names and shapes decide whether an adapter fits; an adapter trained on another base (a fine-tuned
+    variant of the same architecture is a common use) loads with a warning naming both."""
+    model = _minilm()
+    plora.inject(model, plora.PLoRAConfig(r=2, alpha=4, target_modules=["query"]))
+    plora.export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/another-model"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"trained on 'someone/another-model', this model is"):
+        back = plora.from_peft(_minilm(), tmp_path)
+    torch.testing.assert_close(plora.adapter_state_dict(back), plora.adapter_state_dict(model), rtol=0, atol=0)
