@@ -7,6 +7,7 @@ into it for good, and pristine snapshots that restore it bit-exactly.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import nn
@@ -15,7 +16,13 @@ from fed_plora.kernels import fold_, fold_nf4_, unfold_
 
 
 def linear4bit_class():
-    """bitsandbytes' ``Linear4bit`` class, or ``None`` when bitsandbytes is not importable."""
+    """bitsandbytes' ``Linear4bit`` class, or ``None`` while bitsandbytes is not imported (or not importable).
+
+    A model holds a ``Linear4bit`` only once whoever built it imported bitsandbytes, so a model that was built
+    without it has none, and bitsandbytes is never imported here for a float model (its import reaches for
+    optional Hub kernels and prints their failures)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # bitsandbytes is a dependency, but a broken install must not break float models

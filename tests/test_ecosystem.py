@@ -112,6 +112,14 @@ def test_outside_the_checkout_command_transformers_bitsandbytes_and_hf_kernels(t
     done = subprocess.run(run, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert (work / "runs" / "tiny" / "metrics.jsonl").exists() and "fedplora" in done.stdout
+    # A clean first screen: nothing from another package (bitsandbytes is never imported for a float model,
+    # so its reach for Hub kernels prints nothing).
+    assert done.stderr == "", done.stderr
+    imported = (
+        "import sys, fed_plora.fl, fed_plora.fl.cli, fed_plora.plora, fed_plora.kernels; print('bitsandbytes' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", imported], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "False\n", ""), done.stderr
     code = f"""
 import kernels, torch, bitsandbytes as bnb
 from transformers import AutoModelForSequenceClassification
