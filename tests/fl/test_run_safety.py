@@ -169,8 +169,10 @@ def test_a_checkpoint_before_checksums_still_reads(tmp_path):
         payload["format"] = 1
 
     _edit(directory / "fedplora.json", legacy, rehash=False)
-    checkpoint = load_checkpoint(directory, "fedplora", run="r")
+    checkpoint = load_checkpoint(directory, "fedplora")  # a run from before manifests: its id is unknown
     assert checkpoint.format == 1 and checkpoint.rounds_done == 1
+    with pytest.raises(CheckpointError, match=r"format 1 \(no checksums\) in run 'r'"):  # a run with an id checksums all
+        load_checkpoint(directory, "fedplora", run="r")
     _edit(directory / "fedplora.json", lambda p: p.update(tensors="../x"), rehash=False)  # structure still checked
     with pytest.raises(CheckpointError, match="names the tensor file '../x'"):
         load_checkpoint(directory, "fedplora")
