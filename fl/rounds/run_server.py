@@ -76,7 +76,7 @@ class RunServer(Server):
             timer["prepare"] += max(result.seconds - result.stats.seconds, 0.0)
             rows.append({**self._client_costs(plan, result.update, result.stats, done.planned.global_update), **result.wire})
         fields = {
-            "agg_noise": self._aggregation_noise(done.aggregated, done.updates) if done.updates else None,
+            **self._aggregation_noise(done.aggregated, done.updates),
             "server_flops": done.aggregated.server_flops if done.aggregated else 0.0,
             **mean_costs(rows),
         }
@@ -129,8 +129,12 @@ class RunServer(Server):
             "init_noise": noise.initialisation_noise((plan.adapter[n], global_update[n]) for n in self.shapes),
         }
 
-    def _aggregation_noise(self, aggregated: RoundResult, updates: list[ClientUpdate]) -> float | None:
-        """Noise of the new global update against ``Σ p_i ΔW_i`` with data-size weights ``p_i``."""
+    def _aggregation_noise(self, aggregated: RoundResult | None, updates: list[ClientUpdate]) -> dict:
+        """The new global update's noise against ``Σ p_i ΔW_i`` (``agg_noise``) and against each module's
+        product averaged over its trainers (``agg_noise_modules``), data-size weights ``p_i``; None without updates."""
+        if not updates:
+            return {"agg_noise": None, "agg_noise_modules": None}
         sizes = torch.tensor([u.num_examples for u in updates], dtype=torch.float64)
         weights = (sizes / sizes.sum()).tolist()
-        return noise.round_aggregation_noise(self.strategy, aggregated.base_update, updates, weights)
+        measure = lambda ideal: noise.round_aggregation_noise(self.strategy, aggregated.base_update, updates, weights, ideal)
+        return {"agg_noise": measure(noise.clients_ideal), "agg_noise_modules": measure(noise.module_ideal)}

@@ -74,6 +74,7 @@ class _Reference:
             "ranks": [],
             "train_loss": None,
             "agg_noise": None,
+            "agg_noise_modules": None,
             "server_flops": 0.0,
             **mean_costs([]),  # no client sent or folded anything
             "faults": [],

@@ -17,7 +17,8 @@ def _last(records: list[dict], key: str):
     return values[-1] if values else None
 
 
-def _mean(records: list[dict], key: str):
+def mean_of(records: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over the records that hold a value of it (None when none does)."""
     values = [r[key] for r in records if r.get(key) is not None]
     return float(np.mean(values)) if values else None
 
@@ -30,7 +31,7 @@ def _flower_traffic(records: list[dict]) -> dict:
     """Mean MiB per client and round of the Flower messages, down and up (only on a Flower run)."""
     if not any(r.get("bytes_down_flower") is not None for r in records):
         return {}
-    return {f"{way} MiB/client (Flower)": _scaled(_mean(records, f"bytes_{way}_flower"), 1 / MB) for way in ("down", "up")}
+    return {f"{way} MiB/client (Flower)": _scaled(mean_of(records, f"bytes_{way}_flower"), 1 / MB) for way in ("down", "up")}
 
 
 def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
@@ -46,12 +47,13 @@ def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
                 f"final {metric}": scores[-1] if scores else None,
                 f"best {metric}": max(scores) if scores else None,
                 "final loss": _last(records, "train_loss"),
-                "init noise": _mean(records, "init_noise"),
-                "agg noise": _mean(records, "agg_noise"),
-                "down MiB/client": _scaled(_mean(records, "bytes_down_bf16"), 1 / MB),
-                "up MiB/client": _scaled(_mean(records, "bytes_up_bf16"), 1 / MB),
+                "init noise": mean_of(records, "init_noise"),
+                "agg noise": mean_of(records, "agg_noise"),
+                "agg noise (modules)": mean_of(records, "agg_noise_modules"),
+                "down MiB/client": _scaled(mean_of(records, "bytes_down_bf16"), 1 / MB),
+                "up MiB/client": _scaled(mean_of(records, "bytes_up_bf16"), 1 / MB),
                 **_flower_traffic(records),
-                "trainable": None if _mean(records, "trainable_params") is None else int(_mean(records, "trainable_params")),
+                "trainable": None if mean_of(records, "trainable_params") is None else int(mean_of(records, "trainable_params")),
                 "train TFLOP": sum(r["train_flops"] for r in records) / 1e12,
                 "fold+SVD GFLOP": sum(r["fold_flops"] + r["server_flops"] for r in records) / 1e9,
                 "peak MiB": max(r["peak_memory_bytes"] for r in records) / MB,

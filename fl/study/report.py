@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, toml_literal
-from ..run.report import MB
+from ..run.report import MB, mean_of
 from ..storage import atomic_write, atomic_write_json, ensure_directory, read_jsonl, restore_floats, write_jsonl
 from ..strategies import STRATEGIES
 from .cells import cell_state
@@ -19,6 +19,8 @@ from .stats import mean_std, paired_difference
 MEASURES = (
     ("final", "final {metric}"),
     ("best", "best {metric}"),
+    ("agg_noise", "agg noise"),
+    ("agg_noise_modules", "agg noise (modules)"),
     ("traffic_mib", "MiB/client"),
     ("train_tflop", "train TFLOP"),
     ("fold_server_gflop", "fold+server GFLOP"),
@@ -45,7 +47,8 @@ def _total(records: list[dict], keys: tuple[str, ...], scale: float = 1.0) -> fl
 
 
 def cell_rows(cell: Cell) -> list[dict]:
-    """One row per method of a finished cell: final and best metric, final loss, traffic per client (down
+    """One row per method of a finished cell: final and best metric, final loss, the mean aggregation noises
+    over rounds, traffic per client (down
     + up, bf16, summed over rounds), FLOPs, wall time (the records' ``time_*``) and the curve (round, metric,
     cumulative traffic). Federated methods in the config's order, then any other method (references)."""
     records = [restore_floats(r) for r in read_jsonl(cell.directory / "metrics.jsonl")]
@@ -76,6 +79,8 @@ def cell_rows(cell: Cell) -> list[dict]:
                 "final": scores[-1] if scores else None,
                 "best": max(scores) if scores else None,
                 "final_loss": next((r["train_loss"] for r in reversed(mine) if r.get("train_loss") is not None), None),
+                "agg_noise": mean_of(mine, "agg_noise"),
+                "agg_noise_modules": mean_of(mine, "agg_noise_modules"),
                 "traffic_mib": traffic,
                 "train_tflop": _total(mine, ("train_flops",), 1e-12),
                 "fold_server_gflop": flops,

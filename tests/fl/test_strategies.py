@@ -274,3 +274,30 @@ def test_a_servers_measure_hook_adds_to_every_record_and_sees_the_round():
     record = server.finish_round(planned, results)
     assert record["accepted"] == [0] and record["faulty"] == 1 and record["seen"] is True
     assert record["faults"][0]["client"] == 1 and server.records == [record]
+
+
+def test_module_noise_is_the_mean_of_factors_alone():
+    """Against each module's product averaged over its trainers, Fed-PLoRA's holder mean errs only where a
+    module's trainers disagree (the mean of factors is not the mean of products): with one trainer per module
+    the module-wise noise is zero while the noise against ``Σ p_i ΔW_i`` is not; with every client on every
+    module both ideals are the same sum."""
+    from fed_plora.fl.measures.noise import clients_ideal, module_ideal, round_aggregation_noise
+
+    g = global_adapter()["layer"]
+    a0, b0 = g.a.clone(), g.b.clone()
+    a0[[0, 1]], b0[:, [0, 1]] = 1.0, 2.0
+    a1, b1 = g.a.clone(), g.b.clone()
+    a1[[2]], b1[:, [2]] = 5.0, 6.0
+    updates = [update(0, 1, a0, b0, [0, 1]), update(1, 3, a1, b1, [2])]
+    s = build_strategy("fedplora", global_adapter(), HEAD)
+    s.aggregate(0, updates)
+    weights = [0.25, 0.75]
+    assert round_aggregation_noise(s, None, updates, weights, module_ideal) == pytest.approx(0.0, abs=1e-7)
+    assert round_aggregation_noise(s, None, updates, weights, clients_ideal) > 0.1
+    _, overlapping = two_clients_on_overlapping_modules()
+    s = build_strategy("fedplora", global_adapter(), HEAD)
+    s.aggregate(0, overlapping)
+    assert round_aggregation_noise(s, None, overlapping, weights, module_ideal) > 0.01  # module 1: two trainers
+    same = [update(c, 1, *filled(c, 2 * c), list(range(R))) for c in range(2)]
+    dense = lambda f: f.b.double() @ f.a.double()
+    torch.testing.assert_close(dense(module_ideal("layer", same, weights)), dense(clients_ideal("layer", same, weights)))
