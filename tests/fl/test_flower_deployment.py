@@ -1,7 +1,11 @@
-"""A real Flower deployment on this machine: a SuperLink and two SuperNodes as separate processes over
-HTTP, the app submitted with ``flwr run flower_app``. The run's global adapters and logged numbers
-equal the in-process simulator's (FLoRA's base updates live in the nodes' state between messages)."""
+"""A real Flower deployment on this machine, set up as docs/flower.md's "Several machines" says: a SuperLink
+with TLS and SuperNode authentication, two registered SuperNodes as separate processes over HTTPS, the app
+submitted with ``flwr run flower_app``, credentials made by ``scripts/flower_certificates.sh``. The run's
+global adapters and logged numbers equal the in-process simulator's (FLoRA's base updates live in the nodes'
+state between messages); SuperNodes with an unregistered key, with no key, or without the CA are refused
+while the run goes on."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +21,9 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config
 
+METHODS = ["fedplora", "flora"]
+CREDENTIALS = REPO_ROOT / "scripts" / "flower_certificates.sh"
+
 
 def flower_cli(name: str) -> str:
     """Flower's command ``name``: beside this Python, else on PATH."""
@@ -24,9 +31,6 @@ def flower_cli(name: str) -> str:
     path = str(found) if found.exists() else shutil.which(name)
     assert path, f"{name} not found beside {sys.executable} or on PATH: a broken Flower install"
     return path
-
-
-METHODS = ["fedplora", "flora"]
 
 
 def free_port() -> int:
@@ -46,92 +50,145 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: floa
     raise TimeoutError(f"nothing listens on port {port} after {seconds} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
-def test_flwr_run_on_a_superlink_with_supernodes_equals_our_simulator(tiny_models, tmp_path):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+@contextlib.contextmanager
+def flower_processes(directory: Path, env: dict):
+    """Yields ``start(name, command, *args) -> (process, log)``, which starts a Flower command in its own
+    process group with its output in ``directory/<name>.log``; every group is ended on exit (Flower's
+    detached helpers, the SuperLink's SuperExec and the apps, end with their parent)."""
     processes = []
 
-    def start(name, *args):
-        log = tmp_path / f"{name}.log"
-        process = subprocess.Popen(
-            [flower_cli(args[0]), *args[1:]],
-            stdout=open(log, "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
+    def start(name, command, *args):
+        log = directory / f"{name}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(
+                [flower_cli(command), *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=directory, start_new_session=True
+            )
         processes.append(process)
         return process, log
 
     try:
-        superlink, log = start(
-            "superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(link)
-        )
-        wait_for_port(link, superlink, log)
-        for client in range(2):
-            start(
-                f"node{client}",
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f'partition-id={client} data-dir="{DATA}"',
-            )
-        overrides = {
-            "run.name": '"deployed"',
-            "run.out_dir": f'"{tmp_path}"',
-            "model.name": f'"{tiny_models / "bert"}"',
-            "task.data_dir": f'"{DATA}"',
-            "model.rank": 4,
-            "model.alpha": 8.0,
-            "model.target_modules": '""',
-            "model.extra_trainable": '""',
-            "task.max_length": 16,
-            "task.max_train_examples": 48,
-            "task.max_eval_examples": 8,
-            "federation.clients": 2,
-            "federation.fraction": 0.5,
-            "federation.rounds": 2,
-            "federation.rank_scheme": '"cycle"',
-            "federation.rank_choices": '"[1, 2, 4]"',
-            "train.local_steps": 1,
-            "train.batch_size": 4,
-            "train.eval_batch_size": 8,
-            "train.lr": 1e-3,
-            "train.eval_every": 1,
-            "methods.names": "'" + str(METHODS).replace("'", '"') + "'",
-            "flower.node-timeout": 120.0,
-        }
-        run_config = " ".join(f"{k}={v}" for k, v in overrides.items())
-        submitted = subprocess.run(
-            [flower_cli("flwr"), "run", str(REPO_ROOT / "flower_app"), "test", "--stream", "--run-config", run_config],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=420,
-        )
-        logs = submitted.stdout[-4000:] + submitted.stderr[-2000:]
-        assert submitted.returncode == 0 and (tmp_path / "deployed" / "summary.md").exists(), logs
+        yield start
     finally:
-        for process in processes:
-            if process.poll() is None:
+        for process in processes:  # a group outlives its first process when its children still run
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def run_config(tmp_path: Path, tiny_models: Path) -> str:
+    """``flwr run --run-config`` for the tiny two-client, two-round run that ``tiny_config`` simulates."""
+    overrides = {
+        "run.name": '"deployed"',
+        "run.out_dir": f'"{tmp_path}"',
+        "model.name": f'"{tiny_models / "bert"}"',
+        "task.data_dir": f'"{DATA}"',
+        "model.rank": 4,
+        "model.alpha": 8.0,
+        "model.target_modules": '""',
+        "model.extra_trainable": '""',
+        "task.max_length": 16,
+        "task.max_train_examples": 48,
+        "task.max_eval_examples": 8,
+        "federation.clients": 2,
+        "federation.fraction": 0.5,
+        "federation.rounds": 2,
+        "federation.rank_scheme": '"cycle"',
+        "federation.rank_choices": '"[1, 2, 4]"',
+        "train.local_steps": 1,
+        "train.batch_size": 4,
+        "train.eval_batch_size": 8,
+        "train.lr": 1e-3,
+        "train.eval_every": 1,
+        "methods.names": "'" + str(METHODS).replace("'", '"') + "'",
+        "flower.node-timeout": 120.0,
+    }
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def node_credentials(keys: Path, ca: bool, key: str | None) -> list[str]:
+    """``flower-supernode`` options: verify the SuperLink with the trial CA (else with the system's CAs),
+    sign in with the private key ``keys/key`` (else no key: the node asks the SuperLink to register it)."""
+    return [
+        *(["--root-certificates", str(keys / "ca.crt")] if ca else []),
+        *(["--auth-supernode-private-key", str(keys / key)] if key else []),
+    ]
+
+
+#: The refused SuperNodes: with the CA or not, their key (node-2 is registered, node-3 is not), and what
+#: their log says.
+REFUSED = {
+    "unregistered": (True, "node-3", "[code: 2004] Failed to activate SuperNode"),
+    "keyless": (True, None, "SuperNode authentication is enabled. All SuperNodes must be registered"),
+    "no-ca": (False, "node-2", "CERTIFICATE_VERIFY_FAILED"),
+}
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
+def test_secured_flwr_run_equals_our_simulator_and_refuses_unauthorised_nodes(tiny_models, tmp_path):
+    keys = tmp_path / "credentials"
+    subprocess.run(["bash", str(CREDENTIALS), str(keys), "4"], check=True, capture_output=True)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    link = f"127.0.0.1:{free_port()}"
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "{link}"\nroot-certificates = "{keys / "ca.crt"}"\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+    def supernode(name, partition, ca, key):
+        node_config = f'partition-id={partition} data-dir="{DATA}"'
+        options = node_credentials(keys, ca, key)
+        return start(
+            name, "flower-supernode", "--superlink", link, "--port", str(free_port()), *options, "--node-config", node_config
+        )
+
+    with flower_processes(tmp_path, env) as start:
+        superlink, log = start(
+            "superlink",
+            "flower-superlink",
+            *("--ssl-ca-certfile", str(keys / "ca.crt")),
+            *("--ssl-certfile", str(keys / "superlink.crt")),
+            *("--ssl-keyfile", str(keys / "superlink.key")),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            *("--port", link.rsplit(":", 1)[1]),
+        )
+        wait_for_port(int(link.rsplit(":", 1)[1]), superlink, log)
+        for key in ("node-0", "node-1", "node-2"):  # node-2 is registered but will not have the CA
+            registered = subprocess.run(
+                [flower_cli("flwr"), "supernode", "register", str(keys / f"{key}.pub")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert registered.returncode == 0 and "registered successfully" in registered.stdout, registered
+        for client in range(2):
+            supernode(f"node{client}", client, True, f"node-{client}")
+        submitted, run_log = start(
+            "flwr-run",
+            "flwr",
+            "run",
+            str(REPO_ROOT / "flower_app"),
+            "--stream",
+            "--run-config",
+            run_config(tmp_path, tiny_models),
+        )
+        refused = {name: supernode(name, 0, ca, key) for name, (ca, key, _) in REFUSED.items()}
+        try:
+            submitted.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"flwr run did not finish in 420 s:\n{run_log.read_text()[-4000:]}")
+        assert submitted.returncode == 0 and (tmp_path / "deployed" / "summary.md").exists(), run_log.read_text()[-4000:]
+        for name, (process, node_log) in refused.items():
+            assert process.wait(timeout=60) != 0, f"{name}: {node_log.read_text()[-3000:]}"
+            assert REFUSED[name][2] in node_log.read_text(), f"{name}: {node_log.read_text()[-3000:]}"
     config = tiny_config(
         tiny_models,
         tmp_path,
