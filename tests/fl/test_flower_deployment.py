@@ -1,6 +1,6 @@
 """A real Flower deployment on this machine, set up as docs/flower.md's "Several machines" says: a SuperLink
 with TLS and SuperNode authentication, two registered SuperNodes as separate processes over HTTPS, the app
-submitted with ``flwr run flower_app``, credentials made by ``scripts/flower_certificates.sh``. The run's
+submitted with ``flwr run flower_app``, credentials made by ``scripts/flower_certificates.py``. The run's
 global adapters and logged numbers equal the in-process simulator's (FLoRA's base updates live in the nodes'
 state between messages); SuperNodes with an unregistered key, with no key, or without the CA are refused
 while the run goes on."""
@@ -23,7 +23,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config
 
 METHODS = ["fedplora", "flora"]
-CREDENTIALS = REPO_ROOT / "scripts" / "flower_certificates.sh"
+CREDENTIALS = REPO_ROOT / "scripts" / "flower_certificates.py"
 
 
 def flower_cli(name: str) -> str:
@@ -138,10 +138,9 @@ REFUSED = {
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
-@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")
 def test_secured_flwr_run_equals_our_simulator_and_refuses_unauthorised_nodes(tiny_models, tmp_path):
     keys = tmp_path / "credentials"
-    subprocess.run(["bash", str(CREDENTIALS), str(keys), "4"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(CREDENTIALS), str(keys), "4"], check=True, capture_output=True)
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
