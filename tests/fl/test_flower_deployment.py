@@ -199,8 +199,10 @@ def test_secured_flwr_run_equals_our_simulator_and_refuses_unauthorised_nodes(ti
             pytest.fail(f"flwr run did not finish in 420 s:\n{run_log.read_text()[-4000:]}")
         assert submitted.returncode == 0 and (tmp_path / "deployed" / "summary.md").exists(), run_log.read_text()[-4000:]
         for name, (process, node_log) in refused.items():
-            assert process.wait(timeout=60) != 0, f"{name}: {node_log.read_text()[-3000:]}"
-            assert REFUSED[name][2] in node_log.read_text(), f"{name}: {node_log.read_text()[-3000:]}"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            refusal = REFUSED[name][2]
+            assert process.poll() not in (None, 0) and refusal in node_log.read_text(), f"{name}: {node_log.read_text()[-3000:]}"
     config = tiny_config(
         tiny_models,
         tmp_path,
