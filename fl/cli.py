@@ -80,6 +80,12 @@ def parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run a grid of settings × seeds × methods (resumable) and report it (docs/study.md)")
     study.add_argument("--config", required=True, help="the study's TOML file ([study], [common], [settings.<name>])")
     study.add_argument("--workers", type=int, help="processes of one thread each (default: the study's workers; 1: here)")
+    study.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the cells as Ray tasks of one thread: a cluster's address (host:port, ray://host:port), auto (the "
+        "cluster this machine joined with `ray start`), or local (a Ray instance here with --workers CPUs)",
+    )
     study.add_argument("--seeds", help="comma-separated: run only these of the study's seeds")
     study.add_argument("--only", help="comma-separated: run only these settings")
     study.add_argument("--data-dir", help="local data directory for every cell (as run's --data-dir; may change between reruns)")
@@ -180,7 +186,9 @@ def _study(args: argparse.Namespace) -> int:
             print(f"report: {write_report(study)}")
         return 0
     try:
-        outcome = run_study(study, args.workers, listed(args.seeds, int), listed(args.only, str), progress=not args.no_progress)
+        outcome = run_study(
+            study, args.workers, listed(args.seeds, int), listed(args.only, str), progress=not args.no_progress, ray=args.ray
+        )
     except KeyboardInterrupt:
         again = f"fed-plora study --config {shlex.quote(args.config)}"
         print(f"\nfed-plora: interrupted; every cell is resumable: run `{again}` again", file=sys.stderr)

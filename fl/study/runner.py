@@ -1,5 +1,6 @@
 """``fed-plora study``: run a study's cells (one run directory per setting and seed, every method in it), one
-after another or in worker processes of one thread each, then write its results and report.
+after another, in worker processes of one thread each, or as Ray tasks of one thread each (on a cluster), then
+write its results and report.
 
 Resumable: a finished cell is skipped, a started one continues from its checkpoints (``run_experiment``
 with ``resume``), and a cell whose run was started under another config than the study now gives is refused
@@ -14,6 +15,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
@@ -30,6 +32,8 @@ from .config import Cell, Study, StudyError
 
 #: Thread settings of a worker process, in its environment before it imports torch.
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+#: How often Ray runs a cell's task again when its worker process or node died (each time resuming the cell).
+RAY_RETRIES = 3
 
 
 @dataclass
@@ -62,19 +66,31 @@ def run_study(
     only: list[str] | None = None,
     progress: bool = True,
     report: bool = True,
+    ray: str | None = None,
 ) -> StudyOutcome:
     """Run the selected cells not yet finished, then (``report``) write the whole study's ``results.jsonl``,
     ``report.md``, ``summary.json`` and plots. ``workers`` (default the study's): 1 runs the cells in this
     process, with its threads; more runs them in that many processes of one thread each (even a single cell,
-    so that a cell's numbers do not depend on what else runs). Every recorded config is checked first
+    so that a cell's numbers do not depend on what else runs). ``ray``: run them as Ray tasks of one CPU and
+    one thread each instead, on the cluster at that address (``"auto"``: the one this machine joined) or, for
+    ``"local"``, on a Ray instance started here with ``workers`` CPUs. Every recorded config is checked first
     (``check_recorded``); a KeyboardInterrupt stops the study with every cell resumable. The study's directory
     is locked meanwhile: a second command on it is refused (``InUseError``)."""
+    if ray is not None and ray != "local" and workers is not None:
+        raise StudyError(
+            f"--workers {workers} with --ray {ray}: a Ray cluster runs as many cells at once as it has CPUs (one each); "
+            "--workers sizes only a local Ray instance (--ray local)"
+        )
+    if ray == "":
+        raise StudyError("--ray: expected a Ray cluster's address (host:port), auto, or local")
     cells = select(study, seeds, only)
     with exclusive_lock(study.directory, "fed-plora study"):
-        return _run_cells(study, cells, workers, progress, report)
+        return _run_cells(study, cells, workers, progress, report, ray)
 
 
-def _run_cells(study: Study, cells: list[Cell], workers: int | None, progress: bool, report: bool) -> StudyOutcome:
+def _run_cells(
+    study: Study, cells: list[Cell], workers: int | None, progress: bool, report: bool, ray: str | None
+) -> StudyOutcome:
     check_recorded(study.cells)
     outcome = StudyOutcome(study.directory)
     states = {c.name: cell_state(c) for c in cells}
@@ -95,7 +111,9 @@ def _run_cells(study: Study, cells: list[Cell], workers: int | None, progress: b
         bar.update()
 
     try:
-        if workers == 1 or not pending:
+        if ray is not None and pending:
+            _run_on_ray(pending, command, ray, workers, done)
+        elif workers == 1 or not pending:
             for cell in pending:
                 bar.set_postfix_str(f"{cell.name} ({states[cell.name]}), {len(outcome.failed)} failed")
                 done(run_cell(cell.setting, cell.seed, cell.config.to_dict(), command, states[cell.name], progress))
@@ -115,7 +133,7 @@ def _run_parallel(pending: list[Cell], states: dict, command: str, workers: int,
     Ctrl-C or SIGTERM the workers are terminated (every cell stays resumable: a run's files are written
     atomically) and KeyboardInterrupt is raised."""
     with _environment(_ONE_THREAD), _sigterm_interrupts():
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_process)
         try:
             futures = {
                 pool.submit(run_cell, c.setting, c.seed, c.config.to_dict(), command, states[c.name], False): c for c in pending
@@ -150,10 +168,59 @@ def run_cell(setting: str, seed: int, config: dict, command: str, state: str, pr
     return {"setting": setting, "seed": seed, "error": error, "seconds": time.monotonic() - started}
 
 
-def _one_thread() -> None:
-    """A worker process's set-up: Ctrl-C left to the parent (which stops the workers), one torch thread, no
-    transformers load reports or download bars."""
+def _run_on_ray(pending: list[Cell], command: str, address: str, workers: int, done) -> None:
+    """The cells as Ray tasks of one CPU and one thread each, in this command's working directory on whichever
+    node runs them; ``done(result)`` as each ends. A task whose worker or node dies is run again by Ray (up to
+    ``RAY_RETRIES`` times) and resumes the cell from its checkpoints. Ray is left (a local instance shut down)
+    at the end; on Ctrl-C or SIGTERM the tasks are cancelled first and KeyboardInterrupt is raised."""
+    import ray
+
+    local = address == "local"
+    with warnings.catch_warnings():  # a notice of a future change of Ray's about GPUs, for tasks that ask none
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
+        try:
+            ray.init(**({"num_cpus": workers, "include_dashboard": False} if local else {"address": address}))
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise StudyError(f"--ray {address}: no Ray cluster to join ({error})") from None
+    try:
+        task = ray.remote(_ray_cell).options(num_cpus=1, max_retries=RAY_RETRIES, runtime_env={"env_vars": _ONE_THREAD})
+        here = os.getcwd()
+        running = {task.remote(c.setting, c.seed, c.config.to_dict(), command, here): c for c in pending}
+        try:
+            with _sigterm_interrupts():
+                while running:
+                    (ref,), _ = ray.wait(list(running), num_returns=1)
+                    cell = running.pop(ref)
+                    try:
+                        done(ray.get(ref))
+                    except ray.exceptions.RayError as error:  # every try's worker died, or the task could not start
+                        done({"setting": cell.setting, "seed": cell.seed, "error": f"{type(error).__name__}: {error}"})
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        ray.shutdown()
+
+
+def _ray_cell(setting: str, seed: int, config: dict, command: str, directory: str) -> dict:
+    """One cell as a Ray task: in ``directory`` (the command's working directory, where the study's relative
+    paths lead), one thread, the cell's state read from its run directory here, so that a try after a dead
+    worker or node resumes what the earlier try left."""
+    os.chdir(directory)
+    _one_thread()
+    state = cell_state(Cell(setting, seed, Config.from_dict(config)))
+    return run_cell(setting, seed, config, command, "new" if state == "new" else "started", False)
+
+
+def _worker_process() -> None:
+    """A worker process's set-up: Ctrl-C left to the parent (which stops the workers), then ``_one_thread``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _one_thread()
+
+
+def _one_thread() -> None:
+    """One torch thread, no transformers load reports or download bars."""
     import torch
     from transformers.utils import logging as hf_logging
 

@@ -1,11 +1,13 @@
 """Studies: the statistics against hand-computed values, the report from made-up rows, and
 a tiny study of 2 settings × 2 seeds × 2 methods end to end: typos refused before anything runs, an
 interrupted and a failed cell resumed without re-running finished ones (same results as straight through),
-a changed setting refused naming the cell, two worker processes giving the same results as one."""
+a changed setting refused naming the cell, two worker processes giving the same results as one, and two Ray
+workers too, with a task whose worker died retried by Ray and resumed from the cell's checkpoints."""
 
 import json
 import math
 import shutil
+import sys
 
 import pytest
 import torch
@@ -340,3 +342,51 @@ def test_a_worker_process_gives_the_results_of_this_process(straight, tiny_model
     assert _stable(ours) == _stable(read_jsonl(straight / "results.jsonl"))[: len(METHODS)]
     assert "Cells finished: 1 of 4" in (tmp_path / "parallel" / "tiny" / "report.md").read_text()
     shutil.rmtree(tmp_path / "parallel")
+
+
+#: A Ray worker's set-up hook (the test's): every local training logged; the fifth of a worker process, the
+#: first such in the test, kills the process (after fedplora's two rounds of a cell, at fedit's first training).
+RAY_HOOK = """
+import os
+from fed_plora.fl.rounds import client
+
+def die_once():
+    train, calls, root = client.train_local, [0], os.environ["FED_PLORA_TEST_RAY"]
+
+    def train_local(*args, **kwargs):
+        calls[0] += 1
+        with open(os.path.join(root, "trainings"), "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        if calls[0] == 5:
+            try:
+                os.close(os.open(os.path.join(root, "died"), os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return train(*args, **kwargs)
+
+    client.train_local = train_local
+"""
+
+
+@needs_data
+def test_ray_tasks_give_the_results_of_workers_and_a_dead_worker_s_cell_resumes(straight, tiny_models, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    path = _tiny_study(tmp_path, tiny_models, "ray")
+    (tmp_path / "ray_test_hook.py").write_text(RAY_HOOK)
+    monkeypatch.setenv("PYTHONPATH", ":".join([str(tmp_path), *sys.path]))  # the local instance's workers inherit it
+    monkeypatch.setenv("FED_PLORA_TEST_RAY", str(tmp_path))
+    init = ray.init
+    monkeypatch.setattr(ray, "init", lambda **kw: init(**kw, runtime_env={"worker_process_setup_hook": "ray_test_hook.die_once"}))
+    try:
+        assert main(["study", "--config", path, "--ray", "local", "--workers", "2", "--only", "iid", "--no-progress"]) == 0
+        assert not ray.is_initialized()  # the local instance is shut down
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "died").exists()
+    # 8 trainings per cell run straight; the killed cell: 5 before it died, then fedit's 4 (fedplora not re-run)
+    assert len((tmp_path / "trainings").read_text().split()) == 8 + 5 + 4
+    ours = read_jsonl(tmp_path / "ray" / "tiny" / "results.jsonl")  # the rows --workers 2 gives (the test above)
+    assert _stable(ours) == _stable(read_jsonl(straight / "results.jsonl"))[: 2 * len(METHODS)]
+    assert "Cells finished: 2 of 4" in (tmp_path / "ray" / "tiny" / "report.md").read_text()
