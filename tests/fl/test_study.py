@@ -371,9 +371,19 @@ def die_once():
 
 
 @needs_data
-def test_ray_tasks_give_the_results_of_workers_and_a_dead_worker_s_cell_resumes(straight, tiny_models, tmp_path, monkeypatch):
+def test_ray_tasks_give_the_results_of_workers_and_a_dead_worker_s_cell_resumes(
+    straight, tiny_models, tmp_path, monkeypatch, capsys
+):
     ray = pytest.importorskip("ray")
     path = _tiny_study(tmp_path, tiny_models, "ray")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for flags, message in (
+        (["--ray", "auto"], "--ray auto: no Ray cluster to join"),  # (none runs on this machine)
+        (["--ray", "head:6379", "--workers", "2"], "--workers 2 with --ray head:6379"),
+    ):
+        assert main(["study", "--config", path, "--no-progress", *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "ray" / "tiny" / "iid").exists()
     (tmp_path / "ray_test_hook.py").write_text(RAY_HOOK)
     monkeypatch.setenv("PYTHONPATH", ":".join([str(tmp_path), *sys.path]))  # the local instance's workers inherit it
     monkeypatch.setenv("FED_PLORA_TEST_RAY", str(tmp_path))
