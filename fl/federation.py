@@ -62,10 +62,13 @@ def federation_and_fingerprint(config: Config, tokenizer) -> tuple[Federation, d
     evals = _subset(evals, tcfg.max_eval_examples, np.random.default_rng([seed, 11]))
     if fcfg.clients > len(train):
         raise ConfigError(f"federation.clients = {fcfg.clients}: more than the {len(train)} training examples of {task.name}")
+    rng = np.random.default_rng([seed, 12])
     try:
-        shards = partition(train, fcfg.partition, fcfg.clients, np.random.default_rng([seed, 12]), fcfg.dirichlet_alpha)
+        shards = partition(train, fcfg.partition, fcfg.clients, rng, fcfg.dirichlet_alpha, fcfg.partition_args)
     except (ValueError, RuntimeError) as error:
-        raise ConfigError(f"federation.partition = {fcfg.partition!r} on task {task.name}: {error}") from None
+        given = f"federation.partition = {fcfg.partition!r}"
+        given += f", federation.partition_args = {fcfg.partition_args}" if fcfg.partition_args else ""
+        raise ConfigError(f"{given} on task {task.name}: {error}") from None
     length = config.task.max_length
     if task.kind == "classification":
         pair = train[0]["text_pair"] is not None

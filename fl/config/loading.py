@@ -54,6 +54,7 @@ ADDED = {
     "train.logit_adjustment": False,
     "methods.fedplora.selection": "random",
     "methods.fedplora.untrained": "fold",
+    "federation.partition_args": [],
 }
 
 

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..data.custom import METRICS as CUSTOM_METRICS
+from ..data.flower_datasets import PREFIX as FLOWER_PREFIX
+from ..data.flower_datasets import flower_partitioner, partitioner_arguments
 from ..data.tasks import CUSTOM, TASKS
 from ..strategies import STRATEGIES
 from .rules import (
@@ -91,6 +93,30 @@ class ModelSection:
     precision: str = setting("auto", choice(("auto", "fp32", "bf16")), '"auto": bf16 on a GPU, fp32 on the CPU')
 
 
+def _partition() -> Check:
+    """``federation.partition``: a scheme of ours, or ``flwr-datasets:<Partitioner>``."""
+    ours = choice(("iid", "dirichlet", "category"))
+
+    def test(value):
+        if isinstance(value, str) and flower_partitioner(value):
+            return value
+        return ours.test(value)
+
+    return Check(test, f"{ours.allowed}, or {FLOWER_PREFIX}<a partitioner class of flwr_datasets.partitioner>")
+
+
+def _partition_args() -> Check:
+    """``federation.partition_args``: ``"name=value"`` items, values in TOML, no ``num_partitions``."""
+
+    def test(value):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError
+        partitioner_arguments(value)
+        return value
+
+    return Check(test, "a list of distinct 'name=value' strings (values in TOML, strings quoted; not num_partitions)")
+
+
 @dataclass
 class FederationSection:
     """``[federation]``: the clients, their data and rank budgets, and the server's sampling and checks."""
@@ -98,7 +124,13 @@ class FederationSection:
     clients: int = setting(10, integer(1), "the number of clients")
     fraction: float = setting(0.5, number(0, 1, low_open=True), "the share of clients sampled per round")
     rounds: int = setting(10, integer(1), "communication rounds")
-    partition: str = setting("dirichlet", choice(("iid", "dirichlet", "category")), "how the training data is split")
+    partition: str = setting("dirichlet", _partition(), "how the training data is split: ours, or Flower Datasets' by name")
+    partition_args: list[str] = setting(
+        [],
+        _partition_args(),
+        'a flwr-datasets partitioner\'s arguments, e.g. ["alpha=0.5"]; num_partitions is clients; unless given, '
+        "partition_by is 'label' and seed is drawn from the run seed",
+    )
     dirichlet_alpha: float = setting(0.5, number(0, low_open=True), "label skew of the dirichlet partition (smaller: more)")
     rank_scheme: str = setting(
         "uniform", choice(("uniform", "cycle", "heavy_tail", "fixed")), "how client rank budgets are drawn from rank_choices"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .flower_datasets import PREFIX, flower_partition, flower_partitioner, partitioner_arguments
+
 
 def iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[list[int]]:
     """A random permutation cut into ``num_clients`` near-equal shards."""
@@ -57,9 +59,21 @@ def by_category(categories: list[str], num_clients: int, rng: np.random.Generato
 
 
 def partition(
-    examples: list[dict], scheme: str, num_clients: int, rng: np.random.Generator, alpha: float = 0.5
+    examples: list[dict],
+    scheme: str,
+    num_clients: int,
+    rng: np.random.Generator,
+    alpha: float = 0.5,
+    arguments: list[str] = (),
 ) -> list[list[int]]:
-    """Dispatch on ``scheme``: "iid", "dirichlet" (needs ``label``) or "category" (needs ``category``)."""
+    """Dispatch on ``scheme``: "iid", "dirichlet" (needs ``label``), "category" (needs ``category``), or
+    "flwr-datasets:<Partitioner>", a partitioner of Flower Datasets with ``arguments`` (``"name=value"``
+    items; ``fl.data.flower_datasets``)."""
+    name = flower_partitioner(scheme)
+    if name is not None:
+        return flower_partition(examples, name, partitioner_arguments(list(arguments)), num_clients, rng)
+    if arguments:
+        raise ValueError(f"the arguments {list(arguments)} are for a {PREFIX}<Partitioner> scheme, not {scheme!r}")
     if scheme == "iid":
         return iid(len(examples), num_clients, rng)
     if scheme == "dirichlet":
@@ -70,7 +84,7 @@ def partition(
         if "category" not in examples[0]:
             raise ValueError("partition 'category' needs examples with a 'category' (only dolly has one)")
         return by_category([e["category"] for e in examples], num_clients, rng)
-    raise ValueError(f"unknown partition scheme {scheme!r}; choose iid, dirichlet or category")
+    raise ValueError(f"unknown partition scheme {scheme!r}; choose iid, dirichlet, category or {PREFIX}<Partitioner>")
 
 
 def assign_ranks(scheme: str, num_clients: int, rng: np.random.Generator, choices: list[int], global_rank: int) -> list[int]:
