@@ -9,6 +9,7 @@ before any cell runs. A cell that fails is reported and the others go on.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -179,7 +180,8 @@ def _run_on_ray(pending: list[Cell], command: str, address: str, workers: int, d
     with warnings.catch_warnings():  # a notice of a future change of Ray's about GPUs, for tasks that ask none
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         try:
-            ray.init(**({"num_cpus": workers, "include_dashboard": False} if local else {"address": address}))
+            where = {"num_cpus": workers, "include_dashboard": False} if local else {"address": address}
+            ray.init(**where, logging_level=logging.WARNING)  # no notice of the start or the connection
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise StudyError(f"--ray {address}: no Ray cluster to join ({error})") from None
     try:
