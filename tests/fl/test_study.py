@@ -380,6 +380,7 @@ def test_ray_tasks_give_the_results_of_workers_and_a_dead_worker_s_cell_resumes(
     for flags, message in (
         (["--ray", "auto"], "--ray auto: no Ray cluster to join"),  # (none runs on this machine)
         (["--ray", "head:6379", "--workers", "2"], "--workers 2 with --ray head:6379"),
+        (["--ray", ""], "--ray: expected a Ray cluster's address"),
     ):
         assert main(["study", "--config", path, "--no-progress", *flags]) == 2
         assert message in capsys.readouterr().err
