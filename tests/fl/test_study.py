@@ -134,6 +134,8 @@ def _row(setting, seed, method, final, best, kind="federated", curve=None):
         "metric": "accuracy",
         "final": final,
         "best": best,
+        "agg_noise": 0.1,
+        "agg_noise_modules": None if seed else 0.01,
         "traffic_mib": curve[-1]["traffic_mib"],
         "train_tflop": 1.0,
         "fold_server_gflop": 0.0,
