@@ -20,6 +20,7 @@ from ..data.custom import METRICS as CUSTOM_METRICS
 from ..data.tasks import CUSTOM, TASKS
 from ..storage import NONFINITE
 from ..strategies import STRATEGIES
+from .privacy import PrivacySection, privacy_checks
 from .rules import Check, ConfigError
 from .sections import (
     FIELDS,
@@ -54,6 +55,11 @@ ADDED = {
     "train.logit_adjustment": False,
     "methods.fedplora.selection": "random",
     "methods.fedplora.untrained": "fold",
+    "privacy.clip": None,
+    "privacy.noise_multiplier": None,
+    "privacy.target_epsilon": None,
+    "privacy.delta": None,
+    "privacy.min_holders": 1,
     "federation.partition_args": [],
 }
 
@@ -75,6 +81,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     methods: MethodsSection = field(default_factory=MethodsSection)
     references: ReferencesSection = field(default_factory=ReferencesSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,6 +180,7 @@ def _cross_checks(config: Config):
     if train.momentum and train.optimizer != "sgd":
         yield f"train.momentum = {train.momentum}: only sgd uses it (train.optimizer = {train.optimizer!r})"
     yield from _task_checks(task)
+    yield from privacy_checks(config)
     if task.max_train_examples is not None and task.max_train_examples < fed.clients:
         yield f"task.max_train_examples = {task.max_train_examples}: fewer than federation.clients = {fed.clients}"
     for name in STRATEGIES:

@@ -12,6 +12,7 @@ from ..data.flower_datasets import PREFIX as FLOWER_PREFIX
 from ..data.flower_datasets import flower_partitioner, partitioner_arguments
 from ..data.tasks import CUSTOM, TASKS
 from ..strategies import STRATEGIES
+from .privacy import PrivacySection
 from .rules import (
     Check,
     boolean,
@@ -200,6 +201,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "methods": MethodsSection,
     "references": ReferencesSection,
+    "privacy": PrivacySection,
 }
 
 #: The rule of every field with one (a method's table is checked by its strategy's ``Options``).

@@ -87,12 +87,12 @@ class RunServer(Server):
         fields.update({f"time_{k}_s": v for k, v in timer.items()})
         return {**fields, **memory_fields(self.device)}
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult | None:
+    def aggregate(self, planned: RoundPlan, updates: list[ClientUpdate]) -> tuple[RoundResult | None, dict]:
         """``Server.aggregate``, then any base update merged into the global model for good (FLoRA)."""
-        aggregated = super().aggregate(rnd, updates)
+        aggregated, private = super().aggregate(planned, updates)
         if aggregated is not None and aggregated.base_update is not None:
             plora.merge_into_base(self.model, aggregated.base_update)
-        return aggregated
+        return aggregated, private
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics of the global model on the evaluation split."""
@@ -109,7 +109,8 @@ class RunServer(Server):
         )
 
     def _client_costs(self, plan: ClientPlan, update: ClientUpdate, stats, global_update: Adapter) -> dict:
-        """One client's traffic, trainable parameters, FLOPs and initialisation noise."""
+        """One client's traffic (with privacy, also what it would send in sum form), trainable parameters, FLOPs
+        and initialisation noise."""
         trainable, train_flops = self.params.training(update, stats.tokens)
         fold = plan.client_flops
         for name, (n_out, k_in) in self.shapes.items():
@@ -118,7 +119,12 @@ class RunServer(Server):
             live = int((plan.adapter[name].b.cpu()[:, folded] != 0).any(0).sum())
             fold += costs.fold_flops(n_out, k_in, live) if plan.fold_mode == "merge" else 0.0
         down, up = costs.payload_bytes(plan.download), costs.payload_bytes(update.upload())
+        summed = {}
+        if self.privacy is not None:  # in sum form a client sends all R modules of a layer, zero-filled
+            full = {f"{n}.{part}": t for n, f in plan.adapter.items() for part, t in zip("ab", f)}
+            summed["bytes_up_sum_bf16"] = costs.payload_bytes({**full, **plan.extra})["bf16"]
         return {
+            **summed,
             "bytes_down_bf16": down["bf16"],
             "bytes_down_fp32": down["fp32"],
             "bytes_up_bf16": up["bf16"],

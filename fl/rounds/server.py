@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..config.privacy import noise_multiplier, sample_size
+from ..privacy.accounting import epsilon
+from ..privacy.mechanism import PrivacyParams, aggregate_sums, noise_generator
 from ..strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
 from .checkpoint import Checkpoint, capture_rng, restore_rng
 from .client import TrainStats
@@ -79,6 +82,10 @@ class Server:
     data size or another number of local steps is rejected (``fl.rounds.validate.check_claims``), so that
     data-size weights are the server's own.
 
+    With ``[privacy]`` on, every round aggregates in sum form (``fl.privacy.mechanism.aggregate_sums``: each
+    planned client's update clipped, noise on every sum, a dropped or rejected client counted as unchanged) and
+    its record adds the ε spent so far.
+
     ``resume``: continue from that checkpoint of the same run (strategy state, records and RNGs restored).
     """
 
@@ -100,6 +107,10 @@ class Server:
         self.strategy, self.config, self.client_ranks = strategy, config, list(client_ranks)
         self.client_sizes = list(client_sizes)
         self.records: list[dict] = []
+        private = config.privacy
+        self.privacy = None
+        if private.clip is not None:
+            self.privacy = PrivacyParams(private.clip, noise_multiplier(config), private.min_holders)
         if resume is not None:
             strategy.load_state(resume.tensors, resume.meta)
             self.records = list(resume.records)
@@ -126,9 +137,10 @@ class Server:
         faults and the aggregation's info. A round left with no valid update keeps the global state unchanged."""
         accepted, faults = self.screen(planned, results)
         start = time.perf_counter()
-        aggregated = self.aggregate(planned.rnd, [result.update for _, result in accepted])
+        aggregated, private = self.aggregate(planned, [result.update for _, result in accepted])
         done = RoundOutcome(planned, accepted, faults, aggregated, time.perf_counter() - start)
-        record = {**self.participation(planned, accepted), **self.measure(done), "faults": faults, **round_info(aggregated)}
+        record = {**self.participation(planned, accepted), **self.measure(done), **private, "faults": faults}
+        record.update(round_info(aggregated))
         self.records.append(record)
         return record
 
@@ -158,9 +170,19 @@ class Server:
                 faults.append(self._fault(planned.rnd, plan.client, error))
         return accepted, faults
 
-    def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult | None:
-        """The strategy's aggregation of the round's valid ``updates``; None when there is none."""
-        return self.strategy.aggregate(rnd, updates) if updates else None
+    def aggregate(self, planned: RoundPlan, updates: list[ClientUpdate]) -> tuple[RoundResult | None, dict]:
+        """The strategy's aggregation of the round's valid ``updates`` (None when there is none), and the
+        record's privacy fields: with privacy, the private sum form over every planned client, its
+        ``dp_clipped``, ``dp_modules_kept`` and ``dp_epsilon`` (spent by the end of this round); none without."""
+        if self.privacy is None:
+            return (self.strategy.aggregate(planned.rnd, updates) if updates else None), {}
+        generator = noise_generator(self.config.run.seed, planned.rnd)
+        aggregated, fields = aggregate_sums(self.strategy, planned.rnd, planned.plans, updates, self.privacy, generator)
+        fed = self.config.federation
+        spent = epsilon(
+            self.privacy.noise_multiplier, sample_size(self.config), fed.clients, planned.rnd + 1, self.config.privacy.delta
+        )
+        return aggregated, {**fields, "dp_epsilon": spent}
 
     def participation(self, planned: RoundPlan, accepted: list[tuple[ClientPlan, ClientResult]]) -> dict:
         """The head of a round's record: method, round, sampled clients, the ranks trained and the mean

@@ -34,10 +34,17 @@ def _flower_traffic(records: list[dict]) -> dict:
     return {f"{way} MiB/client (Flower)": _scaled(mean_of(records, f"bytes_{way}_flower"), 1 / MB) for way in ("down", "up")}
 
 
+def _privacy(records: list[dict]) -> dict:
+    """The ε spent by the last round and the sum form's mean MiB per client and round up (only with privacy)."""
+    if not any(r.get("dp_epsilon") is not None for r in records):
+        return {}
+    return {"ε": _last(records, "dp_epsilon"), "up MiB/client (sum form)": _scaled(mean_of(records, "bytes_up_sum_bf16"), 1 / MB)}
+
+
 def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
     """One row per method: final and best metric, final loss, mean noises, mean traffic per client and
-    round (MiB, bf16; and as Flower serialised it, on a Flower run), mean trainable parameters, total
-    FLOPs, peak memory and wall time."""
+    round (MiB, bf16; and as Flower serialised it, on a Flower run; with privacy, the ε spent and the upload
+    in sum form), mean trainable parameters, total FLOPs, peak memory and wall time."""
     rows = []
     for method, records in results.items():
         scores = [r[f"eval_{metric}"] for r in records if f"eval_{metric}" in r]
@@ -53,6 +60,7 @@ def summary_rows(results: dict[str, list[dict]], metric: str) -> list[dict]:
                 "down MiB/client": _scaled(mean_of(records, "bytes_down_bf16"), 1 / MB),
                 "up MiB/client": _scaled(mean_of(records, "bytes_up_bf16"), 1 / MB),
                 **_flower_traffic(records),
+                **_privacy(records),
                 "trainable": None if mean_of(records, "trainable_params") is None else int(mean_of(records, "trainable_params")),
                 "train TFLOP": sum(r["train_flops"] for r in records) / 1e12,
                 "fold+SVD GFLOP": sum(r["fold_flops"] + r["server_flops"] for r in records) / 1e9,

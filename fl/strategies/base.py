@@ -122,6 +122,9 @@ class Strategy(ABC):
     name: str = ""
     #: The dataclass of the method's own options: the table ``[methods.<name>]`` of a run config.
     Options: type[MethodOptions] = MethodOptions
+    #: Why the server step is not a sum of the clients' deltas (clipped and noised under privacy, summed under
+    #: secure aggregation): a method whose step is sets None and states its ``sum_denominators``.
+    not_a_sum: str | None = "it states no sum form (Strategy.sum_denominators)"
 
     def __init__(self, adapter: Adapter, extra: dict[str, torch.Tensor], weighting: str = "data", seed: int = 0, **options):
         known = [f.name for f in dataclasses.fields(self.Options)]
@@ -192,6 +195,14 @@ class Strategy(ABC):
     def merged_updates(self) -> list[Adapter]:
         """The base updates merged so far, in order (replayed onto a fresh base on resume); none by default."""
         return []
+
+    def sum_denominators(self, holders: torch.Tensor, clients: int) -> torch.Tensor:
+        """Under uniform weights, the ``[R]`` numbers by which the server step divides each module's sum of the
+        clients' deltas (a trained module's change from its plan, zero elsewhere): a module's new value is its
+        value after the same step on unchanged clients plus that quotient; 0 where the sum does not enter.
+        ``holders [R]``: how many of the round's ``clients`` plans train each module. The extra tensors' sum is
+        divided by ``clients``. ``ValueError`` (``not_a_sum``) for a method whose step is not such a sum."""
+        raise ValueError(f"{self.name}: {self.not_a_sum}")
 
     # the client side of a remote round ------------------------------------------------------------
 
@@ -277,6 +288,11 @@ class Strategy(ABC):
         return ClientPlan(
             self.name, client, adapter, trained, extra, download, client_flops, init or {}, self.fold_mode, local or {}
         )
+
+
+def clients_where_held(holders: torch.Tensor, clients: int) -> torch.Tensor:
+    """``[R]``: ``clients`` where a module has a holder, else 0 (a FedAvg's denominators, ``sum_denominators``)."""
+    return torch.where(holders > 0, float(clients), 0.0).double()
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

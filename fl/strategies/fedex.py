@@ -29,6 +29,7 @@ class FedEx(MergesIntoBase):
     """
 
     name = "fedex"
+    not_a_sum = "its residual Σ p_i B_i A_i − B̄ Ā (products) is not bounded by clipping the factor deltas"
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         plan = self.truncated_plan(client, rank)

@@ -6,7 +6,19 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, option, weighted_sum
+import torch
+
+from .base import (
+    ClientPlan,
+    ClientUpdate,
+    Factors,
+    MethodOptions,
+    RoundResult,
+    Strategy,
+    clients_where_held,
+    option,
+    weighted_sum,
+)
 from .registry import register
 
 
@@ -41,6 +53,7 @@ class FedIT(Strategy):
 
     name = "fedit"
     Options = FedITOptions
+    not_a_sum = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -50,6 +63,10 @@ class FedIT(Strategy):
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         return self.truncated_plan(client, self.options.client_rank)
+
+    def sum_denominators(self, holders: torch.Tensor, clients: int) -> torch.Tensor:
+        """FedAvg: the round's clients for the ``client_rank`` modules every client trains."""
+        return clients_where_held(holders, clients)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)

@@ -7,7 +7,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Adapter, ClientPlan, ClientUpdate, Factors, MethodOptions, RoundResult, Strategy, first_modules, option
+from .base import (
+    Adapter,
+    ClientPlan,
+    ClientUpdate,
+    Factors,
+    MethodOptions,
+    RoundResult,
+    Strategy,
+    clients_where_held,
+    first_modules,
+    option,
+)
 from .registry import register
 
 #: How a client may fold the modules it does not train (``plora.select_and_fold``).
@@ -88,6 +99,7 @@ class FedPLoRA(Strategy):
 
     name = "fedplora"
     Options = FedPLoRAOptions
+    not_a_sum = None
 
     @property
     def fold_mode(self) -> str:
@@ -124,6 +136,10 @@ class FedPLoRA(Strategy):
             placed_a[idx], placed_b[:, idx] = a[: len(idx)], b[:, : len(idx)]
             adapter[name] = Factors(placed_a, placed_b)
         return adapter
+
+    def sum_denominators(self, holders: torch.Tensor, clients: int) -> torch.Tensor:
+        """A module's holders (``module_mean = "holders"``), or the round's clients where it has any."""
+        return holders.double() if self.options.module_mean == "holders" else clients_where_held(holders, clients)
 
     def aggregate(self, rnd: int, updates: list[ClientUpdate]) -> RoundResult:
         weights = self.client_weights(updates)

@@ -45,6 +45,7 @@ class FlexLoRA(Strategy):
     the global update. The global adapter (evaluation) is in the common scale either way."""
 
     name = "flexlora"
+    not_a_sum = "its step is an SVD of Σ p_i B_i A_i, products that clipping the factor deltas does not bound"
     Options = FlexLoRAOptions
 
     def __init__(self, *args, **kwargs):

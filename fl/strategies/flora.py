@@ -22,6 +22,7 @@ class FLoRA(MergesIntoBase):
     """
 
     name = "flora"
+    not_a_sum = "it merges every client's own modules into the base: each product B_i A_i is released, not a sum"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

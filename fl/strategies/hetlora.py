@@ -43,6 +43,7 @@ class HetLoRA(Strategy):
     """
 
     name = "hetlora"
+    not_a_sum = "its weights are the clients' update norms ‖B_i A_i‖_F, which depend on their data"
     Options = HetLoRAOptions
 
     def __init__(self, *args, **kwargs):

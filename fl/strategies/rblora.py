@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import ClientPlan, ClientUpdate, RoundResult, Strategy
 from .fedplora import module_means
 from .registry import register
@@ -22,6 +24,11 @@ class RBLoRA(Strategy):
     same rounds."""
 
     name = "rblora"
+    not_a_sum = None
+
+    def sum_denominators(self, holders: torch.Tensor, clients: int) -> torch.Tensor:
+        """Each module's holders: the clients whose rank reaches it."""
+        return holders.double()
 
     def configure_client(self, rnd: int, client: int, rank: int) -> ClientPlan:
         return self.truncated_plan(client, rank)
