@@ -10,6 +10,7 @@ The map, from the bottom up (a module imports only from the rows above it or its
 - ``storage``: crash-safe files and checksums; ``device``: device and precision;
 - ``data``: tasks, their files or Hub datasets, partitions over clients, tokenisation, metrics;
 - ``strategies``: the methods on plain tensors, one file each, and their registry;
+- ``privacy``: client-level differential privacy (a round's clipped, noised sums; their accounting);
 - ``config``: the run configuration, each field with its rule;
 - ``model``: the backbone, PLoRA injected, adapter values in and out;
 - ``measures``: traffic, FLOPs, noise, evaluation, memory;
