@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import read_jsonl, simulated, tiny_config
+from helpers import needs_data, read_jsonl, simulated, tiny_config
 
 from fed_plora.fl.config import ConfigError, load_config
 from fed_plora.fl.rounds.checkpoint import load_checkpoint
@@ -130,6 +130,7 @@ def test_hetlora_sends_its_regulariser_and_prunes_on_the_tail_norm_product():
     assert s.configure_client(2, 0, 4).trained["layer"].tolist() == [0, 1]
 
 
+@needs_data
 def test_tail_penalty_enters_the_local_loss_and_shrinks_the_tail(tiny_models, tmp_path):
     base = ['methods.names=["hetlora"]', "methods.hetlora.prune_gamma=0.5", "federation.rounds=1", "train.local_steps=3"]
     norms = {}
@@ -143,6 +144,7 @@ def test_tail_penalty_enters_the_local_loss_and_shrinks_the_tail(tiny_models, tm
     assert norms[50.0] < norms[0.0]
 
 
+@needs_data
 def test_fedplora_equals_fedit_when_every_client_holds_the_full_rank(tiny_models, tmp_path):
     config = tiny_config(
         tiny_models, tmp_path, 'methods.names=["fedplora", "fedit"]', "federation.rank_choices=[4]", "train.local_steps=2"
@@ -157,6 +159,7 @@ def test_fedplora_equals_fedit_when_every_client_holds_the_full_rank(tiny_models
         assert mine.get("eval_matthews") == pytest.approx(theirs.get("eval_matthews"), abs=1e-6)
 
 
+@needs_data
 def test_reference_rows_are_recorded_checkpointed_and_not_rerun(tiny_models, tmp_path):
     config = tiny_config(
         tiny_models, tmp_path, 'methods.names=["fedplora"]', 'references.names=["untrained", "majority", "centralised", "local"]'
@@ -181,6 +184,7 @@ def test_reference_rows_are_recorded_checkpointed_and_not_rerun(tiny_models, tmp
     assert read_jsonl(directory / "metrics.jsonl") == records
 
 
+@needs_data
 def test_a_run_whose_targets_hit_a_module_trained_in_full_is_refused_before_writing(tiny_models, tmp_path):
     from fed_plora.fl.run.experiment import run_experiment
 
@@ -271,6 +275,7 @@ def test_logit_adjustment_on_a_generation_task_is_refused():
         load_config(None, ['task.name="gsm8k"', "train.logit_adjustment=true"])
 
 
+@needs_data
 def test_logit_adjustment_reaches_every_client_of_a_run(tiny_models, tmp_path):
     """Set in the config, the adjusted loss is what the clients train on (their reported losses differ from a
     plain run's from the first round, where both start from the same model)."""
