@@ -210,3 +210,20 @@ class LaunchRecorder:
             return self.kernel[grid](*args, **kwargs)
 
         return launch
+
+
+def moved_update(plan, size: int, seed: int, scale: float = 1.0):
+    """``plan``'s ``ClientUpdate`` of data size ``size``: every trained module (row of ``a``, column of ``b``) and
+    the head moved by seeded Gaussian steps of size ``scale``, the other modules as planned."""
+    from fed_plora.fl.strategies import ClientUpdate, Factors
+
+    generator = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for name, (a, b) in plan.adapter.items():
+        a, b = a.clone(), b.clone()
+        idx = plan.trained[name]
+        a[idx] += scale * torch.randn(a[idx].shape, generator=generator)
+        b[:, idx] += scale * torch.randn(b[:, idx].shape, generator=generator)
+        adapter[name] = Factors(a, b)
+    extra = {n: v + scale * torch.randn(v.shape, generator=generator) for n, v in plan.extra.items()}
+    return ClientUpdate(plan.client, size, adapter, dict(plan.trained), extra)

@@ -4,7 +4,7 @@ hand-made tensors and, for FedEx-LoRA, through the simulator."""
 
 import pytest
 import torch
-from helpers import REPO_ROOT, needs_data, tiny_config
+from helpers import REPO_ROOT, moved_update, needs_data, tiny_config
 
 from fed_plora.fl.measures import costs
 from fed_plora.fl.measures.noise import round_aggregation_noise
@@ -24,23 +24,10 @@ def start(seed=0):
     return adapter, {"head": torch.randn(2, 3, generator=generator)}
 
 
-def trained(plan, size, seed):
-    """The plan's trained modules moved by seeded noise (the others as planned), the head too."""
-    generator = torch.Generator().manual_seed(seed)
-    adapter = {}
-    for name, (a, b) in plan.adapter.items():
-        a, b = a.clone(), b.clone()
-        idx = plan.trained[name]
-        a[idx] += torch.randn(len(idx), K, generator=generator)
-        b[:, idx] += torch.randn(N, len(idx), generator=generator)
-        adapter[name] = Factors(a, b)
-    return ClientUpdate(plan.client, size, adapter, plan.trained, {n: t + 1.0 for n, t in plan.extra.items()})
-
-
 def fedex_round(ranks_sizes, weighting="data", seed=0):
     strategy = build_strategy("fedex", *start(seed), weighting=weighting)
     plans = [strategy.configure_client(0, c, r) for c, (r, _) in enumerate(ranks_sizes)]
-    updates = [trained(p, size, 10 + c) for c, (p, (_, size)) in enumerate(zip(plans, ranks_sizes))]
+    updates = [moved_update(p, size, 10 + c) for c, (p, (_, size)) in enumerate(zip(plans, ranks_sizes))]
     return strategy, updates, strategy.aggregate(0, updates)
 
 
@@ -82,7 +69,7 @@ def test_fedex_aggregation_noise_is_zero_where_fedits_is_not():
 
 def test_fedex_sends_the_residuals_a_client_missed_and_counts_them():
     strategy = fedex_round([(1, 3), (2, 5)])[0]
-    strategy.aggregate(1, [trained(strategy.configure_client(1, 0, 2), 3, 7)])
+    strategy.aggregate(1, [moved_update(strategy.configure_client(1, 0, 2), 3, 7)])
     assert len(strategy.merged_updates()) == 2
     late = strategy.configure_client(2, 5, 2)  # a client that never took part: both residuals
     assert late.init == {"base_updates": 2}
@@ -161,7 +148,7 @@ def test_rblora_is_fedplora_with_fixed_selection_and_dropped_modules():
         for strategy in (rblora, ablated):
             plans = [strategy.configure_client(rnd, c, r) for c, r in ((0, 1), (1, 3), (2, 2))]
             rounds.append(plans)
-            strategy.aggregate(rnd, [trained(p, 4 + c, 10 * rnd + c) for c, p in enumerate(plans)])
+            strategy.aggregate(rnd, [moved_update(p, 4 + c, 10 * rnd + c) for c, p in enumerate(plans)])
         for ours, theirs in zip(*rounds):
             assert ours.download.keys() == theirs.download.keys()
             assert all(torch.equal(ours.download[k], theirs.download[k]) for k in ours.download)
@@ -206,7 +193,7 @@ def test_fedplora_drop_starts_from_the_selected_modules_alone():
             outside[idx] = False
             assert not plan.adapter["l0"].a[outside].any() and not plan.adapter["l0"].b[:, outside].any()
             assert torch.equal(plan.adapter["l0"].a[idx], adapter["l0"].a[idx])
-            update = trained(plan, 3 + c, c)
+            update = moved_update(plan, 3 + c, c)
             drop_updates.append(update)
             folded = {}  # the same trained values over the folded plan's other modules
             for name, (a, b) in fold.configure_client(0, c, r).adapter.items():

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DATA, simulated, stable, tiny_config
+from helpers import DATA, moved_update, simulated, stable, tiny_config
 
 from fed_plora.fl.config import ConfigError, load_config
 from fed_plora.fl.privacy.accounting import TOLERANCE, epsilon, noise_for_epsilon
@@ -36,20 +36,6 @@ def strategy(name, options, seed=0):
     return build_strategy(name, adapter, HEAD, weighting="uniform", seed=seed, **options)
 
 
-def trained(plan, scale=1.0, seed=0):
-    """``plan``'s update with every trained module and the head moved by Gaussian steps of size ``scale``."""
-    gen = torch.Generator().manual_seed(seed)
-    adapter = {}
-    for name, (a, b) in plan.adapter.items():
-        a, b = a.clone(), b.clone()
-        idx = plan.trained[name]
-        a[idx] += scale * torch.randn(a[idx].shape, generator=gen)
-        b[:, idx] += scale * torch.randn(b[:, idx].shape, generator=gen)
-        adapter[name] = Factors(a, b)
-    extra = {n: t + scale * torch.randn(t.shape, generator=gen) for n, t in plan.extra.items()}
-    return ClientUpdate(plan.client, 7, adapter, dict(plan.trained), extra)
-
-
 def flat(s):
     """The strategy's global state as one vector (layers' factors and head)."""
     return torch.cat([t.flatten() for f in s.adapter.values() for t in f] + [t.flatten() for t in s.extra.values()])
@@ -67,7 +53,7 @@ def test_the_sum_form_is_each_methods_own_step(name, options):
     plans = [ours.configure_client(0, c, r) for c, r in enumerate(RANKS)]
     for plan, c, r in zip(plans, range(len(RANKS)), RANKS):  # their plans: the same draws
         assert all(torch.equal(i, theirs.configure_client(0, c, r).trained[n]) for n, i in plan.trained.items())
-    updates = [trained(p, seed=c) for c, p in enumerate(plans)]
+    updates = [moved_update(p, 7, c) for c, p in enumerate(plans)]
     dropped = ClientUpdate(plans[3].client, 7, copy.deepcopy(plans[3].adapter), plans[3].trained, dict(plans[3].extra))
     theirs.aggregate(0, [*updates[:3], dropped, updates[4]])
     _, info = aggregate_sums(ours, 0, plans, updates[:3] + updates[4:], PrivacyParams(math.inf, 0.0))
@@ -99,13 +85,13 @@ def test_a_client_a_hundred_times_the_clip_moves_the_model_by_at_most_c_over_its
     modules; unclipped it would move by 100 times that."""
     s, clip = strategy(name, options), 0.5
     plans = [s.configure_client(0, c, 4) for c in range(5)]  # every client holds every module it can
-    big = trained(plans[2], scale=1.0, seed=3)
+    big = moved_update(plans[2], 7, 3, 1.0)
     raw = math.sqrt(
         sum(float((x - y).square().sum()) for f, g in zip(big.adapter.values(), plans[2].adapter.values()) for x, y in zip(f, g))
     )
     raw = math.sqrt(raw**2 + float((big.extra["head.weight"] - plans[2].extra["head.weight"]).square().sum()))
     scale = 100 * clip / raw
-    big = trained(plans[2], scale=scale, seed=3)
+    big = moved_update(plans[2], 7, 3, scale)
     without = strategy(name, options)  # the same round with the client returning its plan
     aggregate_sums(without, 0, [without.configure_client(0, c, 4) for c in range(5)], [], PrivacyParams(clip, 0.0))
     _, info = aggregate_sums(s, 0, plans, [big], PrivacyParams(clip, 0.0))
@@ -123,7 +109,7 @@ def test_over_holders_a_lone_holder_moves_its_module_by_at_most_c_and_min_holder
         s = strategy("fedplora", {"selection": "first"})
         plans = [s.configure_client(0, c, r) for c, r in enumerate([4, 2, 2])]  # modules 2, 3: client 0 alone
         before = copy.deepcopy(s.adapter)
-        _, info = aggregate_sums(s, 0, plans, [trained(plans[0], scale=10.0)], PrivacyParams(clip, 0.0, min_holders))
+        _, info = aggregate_sums(s, 0, plans, [moved_update(plans[0], 7, 0, 10.0)], PrivacyParams(clip, 0.0, min_holders))
         moved = [
             math.sqrt(
                 sum(

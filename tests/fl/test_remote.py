@@ -4,9 +4,10 @@ update it came from; a malformed upload is rejected with a reason."""
 
 import pytest
 import torch
+from helpers import moved_update
 
 from fed_plora.fl.rounds.validate import RejectedUpdate, update_from_upload, validate_update
-from fed_plora.fl.strategies import STRATEGIES, ClientUpdate, Factors, build_strategy
+from fed_plora.fl.strategies import STRATEGIES, Factors, build_strategy
 
 R, K, N = 4, 5, 3
 LAYERS = ("l0", "l1")
@@ -23,20 +24,6 @@ def start():
     generator = torch.Generator().manual_seed(0)
     adapter = {n: Factors(torch.randn(R, K, generator=generator), torch.zeros(N, R)) for n in LAYERS}
     return adapter, {"head.weight": torch.randn(2, 3, generator=generator)}
-
-
-def trained_update(plan, size, seed):
-    """The plan's trained modules moved by seeded noise, the head too."""
-    generator = torch.Generator().manual_seed(seed)
-    adapter = {}
-    for name, (a, b) in plan.adapter.items():
-        a, b = a.clone(), b.clone()
-        idx = plan.trained[name]
-        a[idx] += torch.randn(len(idx), K, generator=generator)
-        b[:, idx] += torch.randn(N, len(idx), generator=generator)
-        adapter[name] = Factors(a, b)
-    extra = {n: t + torch.randn(t.shape, generator=generator) for n, t in plan.extra.items()}
-    return ClientUpdate(plan.client, size, adapter, plan.trained, extra)
 
 
 def template():
@@ -62,7 +49,7 @@ def test_remote_client_rebuilds_every_plan_and_upload_exactly(method, options):
             for index, update in enumerate(merged):
                 for name, (a, b) in update.items():
                     assert torch.equal(held[client][index][name].a, a) and torch.equal(held[client][index][name].b, b)
-            update = trained_update(plan, 10 + client, seed=100 * rnd + client)
+            update = moved_update(plan, 10 + client, seed=100 * rnd + client)
             back = update_from_upload(plan, update.num_examples, update.upload())
             validate_update(plan, back, None)
             for name, (a, b) in update.adapter.items():
@@ -79,7 +66,7 @@ def test_flora_sends_only_the_stacks_a_client_missed():
     strategy = build_strategy("flora", adapter, extra)
     for rnd in range(3):
         plans = [strategy.configure_client(rnd, c, 2) for c in ((0, 1) if rnd < 2 else (0,))]
-        strategy.aggregate(rnd, [trained_update(p, 5, rnd) for p in plans])
+        strategy.aggregate(rnd, [moved_update(p, 5, rnd) for p in plans])
     plan = strategy.configure_client(3, 1, 2)
     assert sorted(type(strategy).client_base_updates(plan.download, plan.init)) == [1, 2]
     assert plan.init["base_updates"] == 3
@@ -89,7 +76,7 @@ def test_bad_uploads_are_rejected_with_the_reason():
     adapter, extra = start()
     strategy = build_strategy("fedplora", adapter, extra)
     plan = strategy.configure_client(0, 0, 2)
-    good = trained_update(plan, 8, 0).upload()
+    good = moved_update(plan, 8, 0).upload()
 
     def rejected(sent, num_examples=8):
         with pytest.raises(RejectedUpdate) as error:
