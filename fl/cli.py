@@ -11,6 +11,7 @@ config, a run directory in the way or changed, unreadable data): nothing was wri
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "config":
-        print(config_listing(args.section, args.markdown))
+        try:
+            print(config_listing(args.section, args.markdown), flush=True)
+        except BrokenPipeError:  # piped into `head`: stop quietly (stdout to devnull, so exit does not flush again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     _quiet_transformers()
     command = "fed-plora " + " ".join(shlex.quote(a) for a in argv)
