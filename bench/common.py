@@ -155,3 +155,25 @@ def run_suite(suite: Path, pytest_args: list[str]) -> dict | None:
             print(f"benchmark run failed (pytest exit code {code})", file=sys.stderr)
             return None
         return json.loads(raw_path.read_text())
+
+
+#: What a benchmark prints after its table when it ran on the CPU.
+CPU_SMOKE = "\n(CPU smoke run through the Triton interpreter: the ratios say nothing about GPU speed.)"
+
+
+def run_and_record(
+    name: str, suite: Path, pytest_args: list[str], summarise: Callable[[list[dict]], list[dict]], columns: list[str]
+) -> int:
+    """Run the pytest-benchmark ``suite``, summarise its entries into rows, print them (``columns``) and write
+    ``bench/results/<name>-<device>.json`` with the raw record; the exit status (1 when the suite failed)."""
+    raw = run_suite(suite, pytest_args)
+    if raw is None:
+        return 1
+    rows = summarise(raw["benchmarks"])
+    print()
+    print(format_table(rows, columns))
+    if not on_gpu():
+        print(CPU_SMOKE)
+    path = write_result(name, {"rows": rows, "pytest_benchmark": raw})
+    print(f"\nwrote {path}")
+    return 0

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.common import entry_ms, format_table, on_gpu, ratio, run_suite, write_result
+from bench.common import CPU_SMOKE, entry_ms, format_table, on_gpu, ratio, run_suite, write_result
 from bench.targets import FOLD_BANDWIDTH, NF4_FOLD_GAIN, NF4_FORWARD, NF4_FORWARD_M
 
 SUITE = Path(__file__).resolve().parent / "bench_fold.py"
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
     summary = targets(folds, forwards)
     print("\n" + "\n".join(summary))
     if not on_gpu():
-        print("\n(CPU smoke run through the Triton interpreter: the ratios say nothing about GPU speed.)")
+        print(CPU_SMOKE)
     path = write_result("fold", {"folds": folds, "forwards": forwards, "targets": summary, "pytest_benchmark": raw})
     print(f"\nwrote {path}")
     if args.fidelity:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import entry_ms, format_table, on_gpu, ratio, run_suite, write_result
+from bench.common import entry_ms, ratio, run_and_record
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_plora_linear.py"
 
@@ -58,23 +58,16 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
     return rows
 
 
+#: The columns of the printed table.
+COLUMNS = [
+    "M", "K", "N", "active", "fwd_ms", "cublas_fwd_ms", "fwd/cublas", "bwd_ms", "cublas_dgrad_ms",
+    "bwd/cublas_dgrad", "unfused/fused fwd", "unfused/fused fwd+bwd", "unsloth/fused fwd+bwd", "peak_fwdbwd_MiB",
+    "unfused_peak_fwdbwd_MiB",
+]  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
-    raw = run_suite(BENCH_FILE, argv)
-    if raw is None:
-        return 1
-    rows = summarise(raw["benchmarks"])
-    columns = [
-        "M", "K", "N", "active", "fwd_ms", "cublas_fwd_ms", "fwd/cublas", "bwd_ms", "cublas_dgrad_ms",
-        "bwd/cublas_dgrad", "unfused/fused fwd", "unfused/fused fwd+bwd", "unsloth/fused fwd+bwd", "peak_fwdbwd_MiB",
-        "unfused_peak_fwdbwd_MiB",
-    ]  # fmt: skip
-    print()
-    print(format_table(rows, columns))
-    if not on_gpu():
-        print("\n(CPU smoke run through the Triton interpreter: the ratios say nothing about GPU speed.)")
-    path = write_result("plora_linear", {"rows": rows, "pytest_benchmark": raw})
-    print(f"\nwrote {path}")
-    return 0
+    return run_and_record("plora_linear", BENCH_FILE, argv, summarise, COLUMNS)
 
 
 if __name__ == "__main__":

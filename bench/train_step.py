@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bench.common import entry_ms, format_table, run_suite, write_result
+from bench.common import entry_ms, run_and_record
 
 BENCH_FILE = Path(__file__).resolve().parent / "bench_train_step.py"
 COLUMNS = [
@@ -43,14 +43,7 @@ def summarise(benchmarks: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    raw = run_suite(BENCH_FILE, argv)
-    if raw is None:
-        return 1
-    rows = summarise(raw["benchmarks"])
-    print(format_table(rows, COLUMNS))
-    path = write_result("train_step", {"rows": rows, "pytest_benchmark": raw})
-    print(f"wrote {path}")
-    return 0
+    return run_and_record("train_step", BENCH_FILE, argv, summarise, COLUMNS)
 
 
 if __name__ == "__main__":
