@@ -49,16 +49,25 @@ def load_model(name: str, task: TaskSpec, pad_id: int, seed: int, device: torch.
     classifier checkpoint whose head has another number of labels than the task gets a fresh head.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name)
     torch.manual_seed(seed)
-    if task.kind == "classification":
-        other_head = AutoConfig.from_pretrained(path).num_labels != task.num_labels
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=other_head
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no load report (a fresh head is what a fine-tuning run expects), no bar
+    hf_logging.disable_progress_bar()
+    try:
+        if task.kind == "classification":
+            other_head = AutoConfig.from_pretrained(path).num_labels != task.num_labels
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=task.num_labels, dtype=base_dtype, ignore_mismatched_sizes=other_head
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.config.pad_token_id = pad_id
     return model.to(device).eval()
 
