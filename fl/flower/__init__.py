@@ -4,6 +4,7 @@ report as the in-process simulator, with clients on Flower SuperNodes.
 - ``FlowerStrategy`` (``strategy``): a Flower strategy that runs any of ours, for a ServerApp of one's own;
 - ``run_on_flower`` (``server_app``): a whole ``fed-plora`` run over a Flower Grid; ``server_app.app`` and
   ``client_app.app`` are the ``ServerApp`` and ``ClientApp`` (``flower_app/`` declares them for ``flwr run``);
+- ``secure``: a private run's rounds under Flower's SecAgg+ (``SecAggSettings``; the server sees only sums);
 - ``wire``: plans and updates as Flower messages, and their size as Flower serialises them.
 
 Nothing else in the package imports this one, so that Flower stays optional.

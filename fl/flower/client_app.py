@@ -7,6 +7,9 @@ says). Node config keys:
 ``partition-id`` (required: which client this node is) and ``data-dir`` (optional: where this machine
 keeps the task data; otherwise the run config's ``task.data_dir``, ``$FED_PLORA_DATA`` or the Hub).
 
+Under secure aggregation the train messages are those of Flower's SecAgg+ workflow: its mod
+(``secure_aggregation_mod``) runs the protocol's stages, and the node's reply is its clipped delta, masked.
+
 FLoRA's base updates (merged stacks) are kept in the node's ``context.state`` by round index, merged into
 the frozen base for the node's fit and taken out again after it, since a process's model is shared by
 the nodes it serves (the simulation engine runs many nodes per process).
@@ -18,9 +21,13 @@ import contextlib
 import json
 import time
 
+import flwr.compat.common.recorddict_compat as compat
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fed_plora import plora
 
@@ -28,10 +35,11 @@ from ..config import Config
 from ..device import pick_device, precision
 from ..federation import build_federation
 from ..model import inject_configured, load_model, load_tokenizer, read_adapter
+from ..privacy.mechanism import private_delta, sum_names
 from ..rounds.client import fit, fit_settings
 from ..strategies import Adapter, Factors, strategy_class
 from .strategy import PARTITION_KEY
-from .wire import from_arrays, read_request, to_arrays, update_content
+from .wire import TrainRequest, from_arrays, read_request, read_secure_fit_ins, to_arrays, update_content
 
 DATA_DIR_KEY = "data-dir"
 
@@ -93,11 +101,49 @@ def query(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({PARTITION_KEY: partition_of(context)})}), reply_to=message)
 
 
-@app.train()
+def secure_aggregation_mod(message: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a SecAgg+ round (those carrying its stage); a plain
+    train message goes straight to ``train``."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
-    """One client round: rebuild the plan, train as the simulator does, reply with the upload."""
+    """One client round: rebuild the plan, train as the simulator does, reply with the upload; under
+    secure aggregation (a legacy ``FitIns``), reply with the clipped, zero-filled delta the round sums."""
     start = time.perf_counter()
+    if "plan" not in message.content:
+        return secure_train(message, context, start)
     request = read_request(message.content)
+    _, update, stats = train_plan(request, context)
+    return Message(update_content(update, stats, time.perf_counter() - start), reply_to=message)
+
+
+def secure_train(message: Message, context: Context, start: float) -> Message:
+    """A round under SecAgg+: train the plan, clip the delta to ``privacy.clip`` here (the server sees only
+    the sum) and reply with it as a legacy ``FitRes`` of weight 1 (``sum_names`` order); the claims (data
+    size, steps, loss, tokens) travel in the clear as its metrics."""
+    request, counted = read_secure_fit_ins(compat.recorddict_to_fitins(message.content, keep_input=True))
+    plan, update, stats = train_plan(request, context)
+    delta, scaled = private_delta(plan, update, counted, request.config.privacy.clip)
+    metrics = {
+        "num-examples": update.num_examples,
+        "loss": stats.loss,
+        "steps": stats.steps,
+        "tokens": stats.tokens,
+        "train-seconds": stats.seconds,
+        "seconds": time.perf_counter() - start,
+        "clipped": int(scaled),
+    }
+    arrays = [delta[name].detach().cpu().numpy() for name in sum_names(plan)]
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, metrics)
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=message)
+
+
+def train_plan(request: TrainRequest, context: Context):
+    """``(plan, update, stats)``: ``request``'s plan trained on this node's data as the simulator trains it."""
     client = partition_of(context)
     if request.client != client:
         raise ValueError(f"plan for client {request.client} sent to the node of client {client}")
@@ -115,7 +161,7 @@ def train(message: Message, context: Context) -> Message:
     settings = fit_settings(config, request.rnd, client, len(features), runtime.tokenizer.pad_token_id, runtime.autocast_dtype)
     with merged_base(model, base_updates):
         update, stats = fit(model, plan, features, **settings)
-    return Message(update_content(update, stats, time.perf_counter() - start), reply_to=message)
+    return plan, update, stats
 
 
 def node_base_updates(state: RecordDict, method: str, received: dict[int, Adapter], init: dict) -> list[Adapter]:

@@ -6,7 +6,8 @@ The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ove
 TOML string, e.g. ``"[2, 4, 8, 16]"``; an empty string leaves a field at its default), plus the seconds
 the server waits (``TIMEOUTS``): ``flower.node-timeout`` for a node of every client before the first
 round, ``flower.round-timeout`` at most for a round's replies, ``flower.reply-timeout`` for the other
-replies of a round once one has come. Every method of ``methods.names`` runs in turn (they share what
+replies of a round once one has come; ``flower.secure-aggregation`` (a private run) aggregates under SecAgg+
+(``fl.flower.secure``) with ``flower.secagg-shares`` and ``flower.secagg-threshold`` (``SECURE``). Every method of ``methods.names`` runs in turn (they share what
 the server knows of the nodes: ``strategy.Nodes``); the run directory (``run.out_dir``/``run.name`` on
 the SuperLink's machine) gets the same ``metrics.jsonl``, checkpoints, plots and summary as a simulated
 run, each record with ``bytes_down_flower``/``bytes_up_flower``: the mean bytes per client of the Flower
@@ -24,12 +25,16 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import Config, load_config, toml_literal
 from ..rounds.run_server import RunServer
 from ..run.experiment import run_experiment
-from .strategy import REPLY_TIMEOUT, FlowerStrategy, Nodes
+from .secure import SecAggSettings, SecureStrategy, run_secure
+from .strategy import REPLY_TIMEOUT, BoundedGrid, FlowerStrategy, Nodes
 
 log = logging.getLogger(__name__)
 
 #: Run-config keys of the Flower transport itself (the rest are run config fields), with their defaults.
 TIMEOUTS = {"flower.node-timeout": 600.0, "flower.round-timeout": 3600.0, "flower.reply-timeout": REPLY_TIMEOUT}
+#: Run-config keys of secure aggregation (``secure``), with their defaults: off; SecAgg+'s key shares per
+#: client and reconstruction threshold (``SecAggSettings``).
+SECURE = {"flower.secure-aggregation": False, "flower.secagg-shares": 1.0, "flower.secagg-threshold": 0.5}
 
 app = ServerApp()
 
@@ -38,9 +43,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     node, round_, reply = (float(run_config.pop(key, default)) for key, default in TIMEOUTS.items())
+    on, shares, threshold = (run_config.pop(key, default) for key, default in SECURE.items())
+    secure = SecAggSettings(shares, threshold) if on else None
     config = config_from_run_config(run_config)
     command = f"flwr run (run config {context.run_config})"
-    directory, table = run_on_flower(grid, config, node, round_, command, reply_timeout=reply)
+    directory, table = run_on_flower(grid, config, node, round_, command, reply_timeout=reply, secure=secure)
     log.info("run directory: %s\n%s", directory, table)
 
 
@@ -64,22 +71,41 @@ def run_on_flower(
     command: str = "",
     *,
     reply_timeout: float = REPLY_TIMEOUT,
+    secure: SecAggSettings | None = None,
 ):
     """Every method of ``config`` over ``grid``'s nodes; returns ``(run directory, summary table)``.
-    Timeouts in seconds, as ``TIMEOUTS`` describes them."""
-    rounds = flower_rounds(grid, node_timeout, round_timeout, reply_timeout)
+    Timeouts in seconds, as ``TIMEOUTS`` describes them; ``secure``: aggregate under SecAgg+
+    (``fl.flower.secure``; a private run only)."""
+    if secure is not None and config.privacy.clip is None:  # [privacy]'s own checks refuse a method not in sum form
+        raise ValueError("flower.secure-aggregation: needs [privacy] (privacy.clip bounds what a client adds to the sum)")
+    rounds = flower_rounds(grid, node_timeout, round_timeout, reply_timeout, secure)
     return run_experiment(config, command, progress=False, rounds=rounds)
 
 
-def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float, reply_timeout: float = REPLY_TIMEOUT) -> Callable:
+def flower_rounds(
+    grid: Grid,
+    node_timeout: float,
+    round_timeout: float,
+    reply_timeout: float = REPLY_TIMEOUT,
+    secure: SecAggSettings | None = None,
+) -> Callable:
     """A ``rounds`` driver for ``run_experiment`` (the signature of ``fl.rounds.simulate``) whose
-    clients train on ``grid``'s nodes; its methods share one ``Nodes``."""
+    clients train on ``grid``'s nodes (under SecAgg+ with ``secure``); its methods share one ``Nodes``."""
     run_nodes: list[Nodes] = []  # the run's nodes, made for its first method
 
     def rounds(config, method, fed, model, tokenizer, autocast_dtype, on_round, *, resume=None, on_checkpoint=lambda c: None):
         server = RunServer(config, method, fed, model, tokenizer, autocast_dtype, resume)
         if not run_nodes:
             run_nodes.append(Nodes(config.federation.clients))
+        remaining = config.federation.rounds - server.rounds_done
+        if secure is not None:
+            bounded = BoundedGrid(grid, reply_timeout)
+            strategy = SecureStrategy(
+                server, bounded, run_nodes[0], secure, node_timeout=node_timeout, on_round=on_round, on_checkpoint=on_checkpoint
+            )
+            if remaining > 0:
+                run_secure(bounded, strategy, remaining, round_timeout)
+            return server.records
         strategy = FlowerStrategy(
             server,
             on_round=on_round,
@@ -88,7 +114,6 @@ def flower_rounds(grid: Grid, node_timeout: float, round_timeout: float, reply_t
             reply_timeout=reply_timeout,
             nodes=run_nodes[0],
         )
-        remaining = config.federation.rounds - server.rounds_done
         if remaining > 0:
             strategy.start(grid, strategy.global_arrays(), num_rounds=remaining, timeout=round_timeout)
         return server.records

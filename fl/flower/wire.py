@@ -3,7 +3,8 @@
 A train message carries ``download`` (the plan's tensors, exactly those the traffic accounting counts),
 ``plan`` (method, round, client, trained module indices, fold mode and the strategy's ``init`` values) and ``run``
 (the run's configuration as JSON, so that a client needs no configuration of its own). A reply carries
-``upload`` (``ClientUpdate.upload``) and ``stats`` (data size and training statistics).
+``upload`` (``ClientUpdate.upload``) and ``stats`` (data size and training statistics). Under secure
+aggregation (``secure``) the same plan travels as Flower's legacy ``FitIns`` (``secure_fit_ins``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from ..config import Config
@@ -42,9 +44,9 @@ def message_bytes(message: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
-def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> RecordDict:
-    """The content of the train message that hands ``plan`` to its client."""
-    header = {
+def plan_header(method: str, rnd: int, plan: ClientPlan) -> dict:
+    """The scalars of a plan as they travel (everything but its tensors)."""
+    return {
         "method": method,
         "round": rnd,
         "client": plan.client,
@@ -53,10 +55,14 @@ def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> Rec
         "init": json.dumps(plan.init),
         "local": json.dumps(plan.local),
     }
+
+
+def plan_content(config: Config, method: str, rnd: int, plan: ClientPlan) -> RecordDict:
+    """The content of the train message that hands ``plan`` to its client."""
     return RecordDict(
         {
             "download": to_arrays(plan.download),
-            "plan": ConfigRecord(header),
+            "plan": ConfigRecord(plan_header(method, rnd, plan)),
             "run": ConfigRecord({"config": json.dumps(config.to_dict())}),
         }
     )
@@ -103,19 +109,48 @@ def read_request(content: RecordDict) -> TrainRequest:
     missing = sorted({"download", "plan", "run"} - set(content))
     if missing:
         raise ValueError(f"train message misses the records {missing}")
-    header = content["plan"]
-    config = Config.from_dict(json.loads(content["run"]["config"]))
+    return request_from(content["plan"], content["run"]["config"], from_arrays(content["download"]))
+
+
+def request_from(header, config_json: str, download: dict[str, torch.Tensor]) -> TrainRequest:
+    """The ``TrainRequest`` of a ``plan_header``, the run's config as JSON and the plan's tensors."""
     return TrainRequest(
-        config,
+        Config.from_dict(json.loads(config_json)),
         str(header["method"]),
         int(header["round"]),
         int(header["client"]),
-        from_arrays(content["download"]),
+        download,
         json.loads(header["trained"]),
         str(header["fold_mode"]),
         json.loads(header["init"]),
         json.loads(header["local"]),
     )
+
+
+def secure_fit_ins(config: Config, method: str, rnd: int, plan: ClientPlan, counted: dict[str, torch.Tensor]) -> FitIns:
+    """The ``FitIns`` that hands ``plan`` to its client under SecAgg+ (whose workflow speaks Flower's legacy
+    messages): the plan's tensors as parameters (sorted by name), its header, the run's config, and per layer
+    which modules enter the round's sums (``counted``, ``[R]`` bool)."""
+    names = sorted(plan.download)
+    settings = {
+        **plan_header(method, rnd, plan),
+        "run": json.dumps(config.to_dict()),
+        "download": json.dumps(names),
+        "counted": json.dumps({n: c.tolist() for n, c in counted.items()}),
+    }
+    return FitIns(ndarrays_to_parameters([plan.download[n].detach().cpu().numpy() for n in names]), settings)
+
+
+def read_secure_fit_ins(fit_ins: FitIns) -> tuple[TrainRequest, dict[str, torch.Tensor]]:
+    """``(request, counted)`` of a ``secure_fit_ins``."""
+    settings = fit_ins.config
+    names = json.loads(settings["download"])
+    arrays = parameters_to_ndarrays(fit_ins.parameters)
+    if len(names) != len(arrays):
+        raise ValueError(f"secure train message: {len(arrays)} tensors for the {len(names)} names it lists")
+    download = {n: torch.from_numpy(a.copy()) for n, a in zip(names, arrays)}
+    counted = {n: torch.tensor(c, dtype=torch.bool) for n, c in json.loads(settings["counted"]).items()}
+    return request_from(settings, str(settings["run"]), download), counted
 
 
 def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> RecordDict:

@@ -103,6 +103,41 @@ def unchanged(plan: ClientPlan) -> ClientUpdate:
     return ClientUpdate(plan.client, 1, adapter, {n: i.clone() for n, i in plan.trained.items()}, extra)
 
 
+def sum_names(plan: ClientPlan) -> list[str]:
+    """The names of a round's sum-form tensors, in the order they travel (``client_delta``'s keys, sorted)."""
+    return sorted([f"{n}.{part}" for n in plan.adapter for part in "ab"] + [f"extra.{n}" for n in plan.extra])
+
+
+def private_delta(plan: ClientPlan, update: ClientUpdate | None, counted: dict[str, torch.Tensor], clip: float):
+    """``(clip(δ), scaled)``: what client ``plan.client`` adds to the round's sums (``client_delta`` clipped to
+    ``clip``), computed by the server from an update it sees or by the client itself under secure aggregation."""
+    return clipped(client_delta(plan, update, counted), clip)
+
+
+def round_sums(
+    plans: Sequence[ClientPlan], updates: Sequence[ClientUpdate], counted: dict[str, torch.Tensor], clip: float
+) -> tuple[dict[str, torch.Tensor], int]:
+    """``(Σ_i clip(δ_i), scaled)`` over every planned client (one without an update adds zeros), and how many
+    deltas were scaled down: the sums a secure-aggregation protocol computes."""
+    by_client = {u.client: u for u in updates}
+    if set(by_client) - {p.client for p in plans}:
+        raise ValueError(f"updates of unplanned clients {sorted(set(by_client) - {p.client for p in plans})}")
+    sums, scaled = None, 0
+    for plan in plans:
+        delta, was_scaled = private_delta(plan, by_client.get(plan.client), counted, clip)
+        scaled += was_scaled
+        sums = delta if sums is None else {k: sums[k] + t for k, t in delta.items()}
+    return sums, scaled
+
+
+def check_sum_form(strategy: Strategy) -> None:
+    """``ValueError`` unless ``strategy``'s server step is a sum of deltas under uniform weights."""
+    if strategy.not_a_sum is not None:
+        raise ValueError(f"{strategy.name} cannot aggregate in sum form: {strategy.not_a_sum}")
+    if strategy.weighting != "uniform":
+        raise ValueError(f"sum form needs uniform weights; {strategy.name} weights by {strategy.weighting!r}")
+
+
 def aggregate_sums(
     strategy: Strategy,
     rnd: int,
@@ -116,21 +151,27 @@ def aggregate_sums(
     from ``generator`` (needed when ``params.noise_multiplier > 0``). Returns the step's ``RoundResult`` and
     ``{"dp_clipped": clients whose delta was scaled down, "dp_modules_kept": modules over all layers with a
     holder but fewer than min_holders}``. ``ValueError`` for a method that is not a sum or weights by data."""
-    if strategy.not_a_sum is not None:
-        raise ValueError(f"{strategy.name} cannot aggregate in sum form: {strategy.not_a_sum}")
-    if strategy.weighting != "uniform":
-        raise ValueError(f"sum form needs uniform weights; {strategy.name} weights by {strategy.weighting!r}")
-    by_client = {u.client: u for u in updates}
-    if set(by_client) - {p.client for p in plans}:
-        raise ValueError(f"updates of unplanned clients {sorted(set(by_client) - {p.client for p in plans})}")
+    check_sum_form(strategy)
+    counted = {name: d > 0 for name, d in denominators(strategy, plans, params.min_holders).items()}
+    sums, scaled = round_sums(plans, updates, counted, params.clip)
+    result, info = apply_sums(strategy, rnd, plans, sums, params, generator)
+    return result, {"dp_clipped": scaled, **info}
+
+
+def apply_sums(
+    strategy: Strategy,
+    rnd: int,
+    plans: Sequence[ClientPlan],
+    sums: dict[str, torch.Tensor],
+    params: PrivacyParams,
+    generator: torch.Generator | None = None,
+) -> tuple[RoundResult, dict]:
+    """The round's step from its ``sums`` (``round_sums``, or what a secure aggregation returned): the
+    method's own step on the plans, then each sum noised once and divided by its denominator. Returns the
+    step's ``RoundResult`` and ``{"dp_modules_kept": …}``."""
+    check_sum_form(strategy)
     holders = holder_counts(plans)
     denoms = denominators(strategy, plans, params.min_holders)
-    counted = {name: d > 0 for name, d in denoms.items()}
-    sums, scaled = None, 0
-    for plan in plans:
-        delta, was_scaled = clipped(client_delta(plan, by_client.get(plan.client), counted), params.clip)
-        scaled += was_scaled
-        sums = delta if sums is None else {k: sums[k] + t for k, t in delta.items()}
     result = strategy.aggregate(rnd, [unchanged(p) for p in plans])
     std = params.noise_multiplier * params.clip if params.noise_multiplier else 0.0
 
@@ -142,10 +183,61 @@ def aggregate_sums(
     for name, (a, b) in strategy.adapter.items():
         d = denoms[name].to(torch.float32).to(a.device)
         inv = torch.where(d > 0, 1 / d.clamp_min(1), 0.0)
-        new_a = a.float() + inv[:, None] * noised(sums[f"{name}.a"])
-        new_b = b.float() + inv[None, :] * noised(sums[f"{name}.b"])
+        new_a = a.float() + inv[:, None] * noised(sums[f"{name}.a"].to(a.device))
+        new_b = b.float() + inv[None, :] * noised(sums[f"{name}.b"].to(b.device))
         strategy.adapter[name] = Factors(new_a.to(a.dtype), new_b.to(b.dtype))
     for name, value in strategy.extra.items():
-        strategy.extra[name] = (value.float() + noised(sums[f"extra.{name}"]) / len(plans)).to(value.dtype)
+        strategy.extra[name] = (value.float() + noised(sums[f"extra.{name}"].to(value.device)) / len(plans)).to(value.dtype)
     kept = sum(int(((h > 0) & (h < params.min_holders)).sum()) for h in holders.values())
-    return result, {"dp_clipped": scaled, "dp_modules_kept": kept}
+    return result, {"dp_modules_kept": kept}
+
+
+def check_secure_sums(
+    plans: Sequence[ClientPlan],
+    contributors: Sequence[int],
+    sums: dict[str, torch.Tensor],
+    counted: dict[str, torch.Tensor],
+    clip: float,
+    slack: float,
+) -> None:
+    """What a server can check of sums it cannot take apart (secure aggregation): the expected tensors and
+    shapes, finite values, zero (within ``slack`` per element) outside the counted modules that the
+    ``contributors`` (indices into ``plans``) were planned to train, and an L2 norm of at most
+    ``len(contributors) · clip`` (plus ``slack`` per element). Raises ``ValueError`` naming the fault."""
+    expected = {}
+    for i in contributors:
+        plan = plans[i]
+        for name, factors in plan.adapter.items():
+            mask = torch.zeros(factors.a.shape[0], dtype=torch.bool)
+            mask[plan.trained[name].cpu()] = True
+            mask &= counted[name].cpu()
+            prior = expected.get(f"{name}.a", torch.zeros_like(mask))
+            expected[f"{name}.a"] = expected[f"{name}.b"] = prior | mask
+    template = plans[0]
+    shapes = {f"{n}.{p}": tuple(t.shape) for n, f in template.adapter.items() for p, t in zip("ab", f)}
+    shapes.update({f"extra.{n}": tuple(t.shape) for n, t in template.extra.items()})
+    if set(sums) != set(shapes):
+        raise ValueError(f"the secure sum carries tensors {sorted(sums)}; expected {sorted(shapes)}")
+    squares, elements = 0.0, 0
+    for key, shape in shapes.items():
+        total = sums[key].float().cpu()
+        if tuple(total.shape) != shape:
+            raise ValueError(f"the secure sum's {key} has shape {tuple(total.shape)}; expected {shape}")
+        if not torch.isfinite(total).all():
+            raise ValueError(f"the secure sum's {key} is not finite")
+        if not key.startswith("extra."):
+            per_module = total.abs().amax(1) if key.endswith(".a") else total.abs().amax(0)  # [R]
+            stray = (per_module > slack) & ~expected[key]
+            if stray.any():
+                raise ValueError(
+                    f"the secure sum changes {key} in modules {stray.nonzero().flatten().tolist()}, "
+                    "which no contributing client was planned to train"
+                )
+        squares += float(total.double().square().sum())
+        elements += total.numel()
+    bound = len(contributors) * clip + slack * math.sqrt(elements)
+    if math.sqrt(squares) > bound:
+        raise ValueError(
+            f"the secure sum's norm {math.sqrt(squares):.4g} exceeds {len(contributors)} clients x clip {clip:g} "
+            f"(+ quantisation slack): some client did not clip its update"
+        )

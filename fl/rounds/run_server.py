@@ -68,15 +68,16 @@ class RunServer(Server):
         return planned
 
     def measure(self, done: RoundOutcome) -> dict:
-        """The round's aggregation noise and server FLOPs, its clients' costs (means), the evaluation when due
-        (``schedule.is_evaluated``), timings and memory."""
+        """The round's aggregation noise (None when the server did not see the updates) and server FLOPs, its
+        clients' costs (means), the evaluation when due (``schedule.is_evaluated``), timings and memory."""
         rows, timer = [], dict(prepare=0.0, train=0.0, aggregate=done.aggregate_seconds, evaluate=0.0)
         for plan, result in done.accepted:
             timer["train"] += result.stats.seconds
             timer["prepare"] += max(result.seconds - result.stats.seconds, 0.0)
             rows.append({**self._client_costs(plan, result.update, result.stats, done.planned.global_update), **result.wire})
+        noise_fields = self._aggregation_noise(done.aggregated, done.updates if done.seen else [])
         fields = {
-            **self._aggregation_noise(done.aggregated, done.updates),
+            **noise_fields,
             "server_flops": done.aggregated.server_flops if done.aggregated else 0.0,
             **mean_costs(rows),
         }
@@ -87,12 +88,10 @@ class RunServer(Server):
         fields.update({f"time_{k}_s": v for k, v in timer.items()})
         return {**fields, **memory_fields(self.device)}
 
-    def aggregate(self, planned: RoundPlan, updates: list[ClientUpdate]) -> tuple[RoundResult | None, dict]:
-        """``Server.aggregate``, then any base update merged into the global model for good (FLoRA)."""
-        aggregated, private = super().aggregate(planned, updates)
-        if aggregated is not None and aggregated.base_update is not None:
+    def on_aggregated(self, aggregated: RoundResult) -> None:
+        """Any base update of the round merged into the global model for good (FLoRA)."""
+        if aggregated.base_update is not None:
             plora.merge_into_base(self.model, aggregated.base_update)
-        return aggregated, private
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics of the global model on the evaluation split."""

@@ -20,7 +20,15 @@ import torch
 from ..config import Config
 from ..config.privacy import noise_multiplier, sample_size
 from ..privacy.accounting import epsilon
-from ..privacy.mechanism import PrivacyParams, aggregate_sums, noise_generator
+from ..privacy.mechanism import (
+    PrivacyParams,
+    aggregate_sums,
+    apply_sums,
+    check_secure_sums,
+    denominators,
+    noise_generator,
+    unchanged,
+)
 from ..strategies import Adapter, ClientPlan, ClientUpdate, RoundResult, Strategy
 from .checkpoint import Checkpoint, capture_rng, restore_rng
 from .client import TrainStats
@@ -60,13 +68,16 @@ class ClientResult:
 @dataclass
 class RoundOutcome:
     """A round once aggregated: its plan, the accepted ``(plan, result)`` pairs, the faults' log entries,
-    the aggregation (None when no update was accepted) and the seconds it took."""
+    the aggregation (None when no update was accepted) and the seconds it took; ``seen``: whether the server saw
+    each update (False under secure aggregation: an accepted result's update is then its plan unchanged,
+    carrying the client's claims, ``Server.claimed_update``)."""
 
     planned: RoundPlan
     accepted: list[tuple[ClientPlan, ClientResult]]
     faults: list[dict]
     aggregated: RoundResult | None
     aggregate_seconds: float
+    seen: bool = True
 
     @property
     def updates(self) -> list[ClientUpdate]:
@@ -139,18 +150,59 @@ class Server:
         start = time.perf_counter()
         aggregated, private = self.aggregate(planned, [result.update for _, result in accepted])
         done = RoundOutcome(planned, accepted, faults, aggregated, time.perf_counter() - start)
-        record = {**self.participation(planned, accepted), **self.measure(done), **private, "faults": faults}
-        record.update(round_info(aggregated))
+        return self.record(done, private)
+
+    def record(self, done: RoundOutcome, private: dict) -> dict:
+        """The round's record (appended to ``records``): participation, ``measure``, privacy fields, faults."""
+        record = {**self.participation(done.planned, done.accepted), **self.measure(done), **private, "faults": done.faults}
+        record.update(round_info(done.aggregated))
         self.records.append(record)
         return record
+
+    def finish_secure_round(
+        self, planned: RoundPlan, results: list[ClientResult], sums: dict[str, torch.Tensor] | None, slack: float
+    ) -> dict:
+        """``finish_round`` for a round the server saw only as a sum (secure aggregation, with ``[privacy]``):
+        ``results`` one per planned client, a contributor's with ``claimed_update`` and its stats, ``sums``
+        the contributors' ``private_delta`` summed (None when none contributed), exact to ``slack`` per element.
+
+        The claims and the sum are checked (``check_claims``; ``fl.privacy.mechanism.check_secure_sums``).
+        No update can be taken out of a sum, so one fault there rejects the round: the global state stays as
+        it was and every contributor is logged with the reason."""
+        if self.privacy is None:
+            raise ValueError("secure aggregation needs [privacy]: clip bounds what a client adds to a sum it cannot check")
+        accepted, faults = self.screen(planned, results, seen=False)
+        start = time.perf_counter()
+        contributors = [planned.plans.index(plan) for plan, _ in accepted]
+        counted = {n: d > 0 for n, d in denominators(self.strategy, planned.plans, self.privacy.min_holders).items()}
+        try:
+            if len(accepted) != sum(result.error is None for result in results):
+                raise RejectedUpdate("a contributing client's claims were rejected, and its delta is inside the sum")
+            if accepted:
+                check_secure_sums(planned.plans, contributors, sums, counted, self.privacy.clip, slack)
+        except ValueError as fault:
+            reason = f"secure aggregate rejected: {fault}"
+            faults += [self._fault(planned.rnd, plan.client, RejectedUpdate(reason)) for plan, _ in accepted]
+            accepted = []
+        aggregated, private = None, {}
+        if accepted:
+            generator = noise_generator(self.config.run.seed, planned.rnd)
+            aggregated, private = apply_sums(self.strategy, planned.rnd, planned.plans, sums, self.privacy, generator)
+            self.on_aggregated(aggregated)
+        private["dp_epsilon"] = self.epsilon_spent(planned.rnd)
+        done = RoundOutcome(planned, accepted, faults, aggregated, time.perf_counter() - start, seen=False)
+        return self.record(done, private)
 
     def measure(self, done: RoundOutcome) -> dict:
         """The fields a server adds to a round's record once it is aggregated (a subclass's hook); none here."""
         return {}
 
-    def screen(self, planned: RoundPlan, results: list[ClientResult]) -> tuple[list[tuple[ClientPlan, ClientResult]], list[dict]]:
-        """``(accepted, faults)``: the results whose update passed ``validate_update`` and whose claims
-        passed ``check_claims`` with their plans, and a log entry for each client that failed or was rejected."""
+    def screen(
+        self, planned: RoundPlan, results: list[ClientResult], *, seen: bool = True
+    ) -> tuple[list[tuple[ClientPlan, ClientResult]], list[dict]]:
+        """``(accepted, faults)``: the results whose update passed ``validate_update`` (when the server ``seen``
+        it) and whose claims passed ``check_claims`` with their plans, and a log entry for each client that
+        failed or was rejected."""
         if len(results) != len(planned.plans):
             raise ValueError(f"results: expected one per planned client ({len(planned.plans)}), got {len(results)}")
         accepted, faults = [], []
@@ -161,7 +213,8 @@ class Server:
                 steps = local_steps(self.config, size)
                 try:
                     check_claims(plan, result.update, result.stats, size, steps)
-                    validate_update(plan, result.update, self.config.federation.update_norm_bound)
+                    if seen:
+                        validate_update(plan, result.update, self.config.federation.update_norm_bound)
                 except Exception as rejected:  # a bad update is rejected, never the run
                     error = rejected
             if error is None:
@@ -175,14 +228,22 @@ class Server:
         record's privacy fields: with privacy, the private sum form over every planned client, its
         ``dp_clipped``, ``dp_modules_kept`` and ``dp_epsilon`` (spent by the end of this round); none without."""
         if self.privacy is None:
-            return (self.strategy.aggregate(planned.rnd, updates) if updates else None), {}
-        generator = noise_generator(self.config.run.seed, planned.rnd)
-        aggregated, fields = aggregate_sums(self.strategy, planned.rnd, planned.plans, updates, self.privacy, generator)
+            aggregated, fields = (self.strategy.aggregate(planned.rnd, updates) if updates else None), {}
+        else:
+            generator = noise_generator(self.config.run.seed, planned.rnd)
+            aggregated, fields = aggregate_sums(self.strategy, planned.rnd, planned.plans, updates, self.privacy, generator)
+            fields["dp_epsilon"] = self.epsilon_spent(planned.rnd)
+        if aggregated is not None:
+            self.on_aggregated(aggregated)
+        return aggregated, fields
+
+    def on_aggregated(self, aggregated: RoundResult) -> None:
+        """What a server does with a round's aggregation beyond its strategy (a subclass's hook); nothing here."""
+
+    def epsilon_spent(self, rnd: int) -> float:
+        """The ε (at ``privacy.delta``) spent by the end of round ``rnd`` (0-based)."""
         fed = self.config.federation
-        spent = epsilon(
-            self.privacy.noise_multiplier, sample_size(self.config), fed.clients, planned.rnd + 1, self.config.privacy.delta
-        )
-        return aggregated, {**fields, "dp_epsilon": spent}
+        return epsilon(self.privacy.noise_multiplier, sample_size(self.config), fed.clients, rnd + 1, self.config.privacy.delta)
 
     def participation(self, planned: RoundPlan, accepted: list[tuple[ClientPlan, ClientResult]]) -> dict:
         """The head of a round's record: method, round, sampled clients, the ranks trained and the mean
@@ -201,6 +262,13 @@ class Server:
         """The state after the rounds done so far (strategy, RNGs, records)."""
         tensors, meta = self.strategy.state()
         return Checkpoint(self.method, self.rounds_done, tensors, meta, capture_rng(), self.records)
+
+    def claimed_update(self, plan: ClientPlan, num_examples) -> ClientUpdate:
+        """The update of a client the server sees only through a secure sum: its plan unchanged, carrying the
+        data size it claims (``check_claims`` judges it)."""
+        update = unchanged(plan)
+        update.num_examples = num_examples
+        return update
 
     def _fault(self, rnd: int, client: int, error: Exception) -> dict:
         """The log entry of a dropped client (its fit raised) or a rejected update (validation failed)."""

@@ -9,12 +9,14 @@
   (``docs/examples/flower_server_app.py``) trains ``FedPLoRA`` exactly as the simulator does.
 """
 
+import copy
 import importlib.util
 import itertools
 import json
 import logging
 import re
 import time
+import types
 import uuid
 
 import pytest
@@ -28,10 +30,11 @@ from flwr.serverapp import ServerApp  # noqa: E402
 from helpers import DATA, REPO_ROOT, same_run, simulated, tiny_config  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from fed_plora.fl import load_config  # noqa: E402
+from fed_plora.fl import RunFailed, load_config  # noqa: E402
 from fed_plora.fl.flower import FlowerStrategy, config_from_run_config, run_on_flower  # noqa: E402
 from fed_plora.fl.flower.client_app import app as client_app  # noqa: E402
-from fed_plora.fl.flower.server_app import TIMEOUTS  # noqa: E402
+from fed_plora.fl.flower.secure import SecAggSettings  # noqa: E402
+from fed_plora.fl.flower.server_app import SECURE, TIMEOUTS  # noqa: E402
 from fed_plora.fl.flower.strategy import Nodes  # noqa: E402
 from fed_plora.fl.flower.wire import from_arrays, to_arrays  # noqa: E402
 from fed_plora.fl.rounds.checkpoint import load_checkpoint  # noqa: E402
@@ -97,6 +100,7 @@ class LocalGrid:
         }
         self.faults, self.answers, self.silent, self.dies = faults or {}, answers or {}, set(silent), set(dies)
         self.replies, self.pushed, self.answered = {}, [], set()
+        self.run = types.SimpleNamespace(run_id=1)
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -109,7 +113,7 @@ class LocalGrid:
             self.pushed.append((time.monotonic(), kind, node))
             ids.append(message_id)
             fault = None
-            if kind == "train":
+            if kind == "train" and "plan" in message.content:
                 fault = self.faults.get((int(message.content["plan"]["round"]), train))
                 train += 1
             if fault == "silent" or node in self.silent or (node in self.dies and node in self.answered):
@@ -125,7 +129,7 @@ class LocalGrid:
         if message.metadata.message_type == "query" and node in self.answers:
             return Message(RecordDict({"node": self.answers[node]}), reply_to=message)
         try:
-            reply = client_app(message, self.contexts[node])
+            reply = client_app(own_copy(message), self.contexts[node])
         except Exception as error:
             return Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
         if fault == "malformed":
@@ -152,6 +156,19 @@ class LocalGrid:
                 break
             time.sleep(0.05)
         return replies
+
+
+def own_copy(message):
+    """``message`` with its config records copied, as a node gets it over the wire (SecAgg+'s workflow sends
+    one content object to every node, and its mod edits the config it receives)."""
+    copied = copy.copy(message)
+    content = RecordDict({key: ConfigRecord(dict(record)) for key, record in message.content.config_records.items()})
+    for key, record in message.content.array_records.items():
+        content[key] = record
+    for key, record in message.content.metric_records.items():
+        content[key] = record
+    copied.content = content
+    return copied
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
@@ -198,6 +215,7 @@ def test_flower_app_run_config_is_the_main_config():
     }
     run_config = dict(app["config"])
     assert {k: run_config.pop(k) for k in TIMEOUTS} == TIMEOUTS
+    assert {k: run_config.pop(k) for k in SECURE} == SECURE
     flower = config_from_run_config(run_config).to_dict()
     main = load_config(REPO_ROOT / "configs" / "cola_minilm.toml").to_dict()
     flower["run"]["name"] = main["run"]["name"]
@@ -380,3 +398,88 @@ def test_silent_nodes_are_not_waited_for_every_round(tiny_models, tmp_path, serv
     sent = [(kind, node) for _, kind, node in grid.pushed if node in (7002, 8000)]
     assert sent.count(("query", 8000)) == 1 and ("train", 8000) not in sent  # asked once, never again
     assert sent.count(("query", 7002)) == 2 and sent.count(("train", 7002)) == 1  # one re-query, left open
+
+
+PRIVATE = (
+    'methods.names=["fedplora", "fedit"]',
+    'federation.weighting="uniform"',
+    "privacy.clip=0.05",
+    "privacy.noise_multiplier=0.3",
+    "privacy.delta=1e-3",
+)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_secagg_plus_rounds_equal_the_private_simulator(tiny_models, tmp_path, server_identity):
+    """Under Flower's SecAgg+ workflow (its mod on every node) the server sees only the sum of the clipped
+    deltas, and the run ends where the in-process private run ends, up to SecAgg+'s quantisation."""
+    config = tiny_config(tiny_models, tmp_path, *PRIVATE)
+    config.run.name = "secure"
+    run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
+    local_dir = simulated(tiny_config(tiny_models, tmp_path, *PRIVATE), "local")
+    for method in ("fedplora", "fedit"):
+        ours, theirs = load_checkpoint(local_dir / "checkpoints", method), load_checkpoint(tmp_path / "secure" / "checkpoints", method)
+        for key, tensor in ours.tensors.items():
+            torch.testing.assert_close(theirs.tensors[key], tensor, rtol=0, atol=1e-5, msg=f"{method} {key}")
+        assert any(float(t.abs().max()) > 0 for k, t in theirs.tensors.items() if k.endswith(".b")), "the rounds moved B"
+    secure, local = read_jsonl(tmp_path / "secure" / "metrics.jsonl"), read_jsonl(local_dir / "metrics.jsonl")
+    assert len(secure) == len(local) == 4
+    for summed, plain in zip(secure, local):
+        assert not summed["faults"] and summed["clients"] == plain["clients"] and summed["ranks"] == plain["ranks"]
+        assert summed["dp_epsilon"] == plain["dp_epsilon"] and summed["dp_modules_kept"] == plain["dp_modules_kept"]
+        assert summed["agg_noise"] is None and plain["agg_noise"] is not None  # it needs each update
+        assert summed["bytes_up_sum_bf16"] == plain["bytes_up_sum_bf16"]
+        assert summed["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_a_client_that_does_not_clip_gets_the_secure_round_rejected(tiny_models, tmp_path, server_identity, monkeypatch):
+    """The server cannot see one update in a secure sum: a client that skips its clip (100x over) shows in the
+    sum's norm, and the round is rejected whole (every contributor logged, the model unchanged)."""
+    from fed_plora.fl.flower import client_app as node
+    from fed_plora.fl.privacy.mechanism import private_delta
+
+    def unclipped(plan, update, counted, clip):
+        delta, scaled = private_delta(plan, update, counted, clip)
+        return ({k: t * 100 for k, t in delta.items()} if plan.client == 0 else delta), scaled
+
+    monkeypatch.setattr(node, "private_delta", unclipped)
+    config = tiny_config(tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedplora"]', "federation.fraction=1.0", "federation.rounds=1")
+    with pytest.raises(RunFailed, match="did not clip"):
+        run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
+    (record,) = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
+    assert {f["client"] for f in record["faults"]} == {0, 1, 2}
+    assert all("secure aggregate rejected" in f["reason"] and "did not clip" in f["reason"] for f in record["faults"])
+    final = load_checkpoint(tmp_path / config.run.name / "checkpoints", "fedplora").tensors
+    assert all(float(t.abs().max()) == 0 for k, t in final.items() if k.endswith(".b")), "B left its zero start"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_a_false_claim_under_secagg_rejects_the_round(tiny_models, tmp_path, server_identity, monkeypatch):
+    """Claims still travel in the clear under secure aggregation and are checked; a false one cannot be taken
+    out of the sum, so the round is rejected."""
+    from fed_plora.fl.flower import client_app as node
+
+    real = node.train_plan
+
+    def lying(request, context):
+        plan, update, stats = real(request, context)
+        if plan.client == 1:
+            update.num_examples += 5
+        return plan, update, stats
+
+    monkeypatch.setattr(node, "train_plan", lying)
+    config = tiny_config(tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedit"]', "federation.fraction=1.0", "federation.rounds=1")
+    with pytest.raises(RunFailed):
+        run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
+    (record,) = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
+    reasons = {f["client"]: f["reason"] for f in record["faults"]}
+    assert set(reasons) == {0, 1, 2} and "examples" in reasons[1]
+    assert all("secure aggregate rejected" in reasons[c] for c in (0, 2))
+
+
+def test_secure_aggregation_refuses_a_run_without_privacy(tiny_models, tmp_path):
+    config = tiny_config(tiny_models, tmp_path)
+    with pytest.raises(ValueError, match=r"flower.secure-aggregation: needs \[privacy\]"):
+        run_on_flower(LocalGrid(3), config, secure=SecAggSettings())
+    assert not (tmp_path / config.run.name).exists()
