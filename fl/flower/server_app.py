@@ -3,14 +3,15 @@
 The run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, overridable with ``flwr run
 --run-config``) holds the run's config fields as ``"section.key"`` (or ``"methods.<method>.key"``) keys, the
 way the TOML config and ``--set`` name them (a list is given as a TOML string, e.g. ``"[2, 4, 8, 16]"``; an
-empty string leaves a field at its default), plus the seconds the server waits (``TIMEOUTS``): ``flower.node-
-timeout`` for a node of every client before the first round, ``flower.round-timeout`` at most for a round's
-replies, ``flower.reply-timeout`` for the other replies of a round once one has come; ``flower.secure-
-aggregation`` (a private run) aggregates under SecAgg+ (``fl.flower.secure``) with ``flower.secagg-shares``
-and ``flower.secagg-threshold`` (``SECURE``). Every method of ``methods.names`` runs in turn (they share what
-the server knows of the nodes: ``strategy.Nodes``); the run directory (``run.out_dir``/``run.name`` on the
-SuperLink's machine) gets the same ``metrics.jsonl``, checkpoints, plots and summary as a simulated run, each
-record with ``bytes_down_flower``/``bytes_up_flower``: the mean bytes per client of the Flower messages.
+empty string leaves a field at its default), plus the seconds the server waits (``TIMEOUTS``):
+``flower.node-timeout`` for a node of every client before the first round, ``flower.round-timeout`` at most
+for a round's replies, ``flower.reply-timeout`` for the other replies of a round once one has come;
+``flower.secure-aggregation`` (a private run) aggregates under SecAgg+ (``fl.flower.secure``) with
+``flower.secagg-shares`` and ``flower.secagg-threshold`` (``SECURE``). Every method of ``methods.names`` runs
+in turn (they share what the server knows of the nodes: ``strategy.Nodes``); the run directory
+(``run.out_dir``/``run.name`` on the SuperLink's machine) gets the same ``metrics.jsonl``, checkpoints, plots
+and summary as a simulated run, each record with ``bytes_down_flower``/``bytes_up_flower``: the mean bytes per
+client of the Flower messages.
 """
 
 from __future__ import annotations
