@@ -127,7 +127,8 @@ def secure_train(message: Message, context: Context, start: float) -> Message:
     size, steps, loss, tokens) travel in the clear as its metrics."""
     request, counted = read_secure_fit_ins(compat.recorddict_to_fitins(message.content, keep_input=True))
     plan, update, stats = train_plan(request, context)
-    delta, scaled = private_delta(plan, update, counted, request.config.privacy.clip)
+    clip = request.config.privacy.clip
+    delta, norm = private_delta(plan, update, counted, clip)
     metrics = {
         "num-examples": update.num_examples,
         "loss": stats.loss,
@@ -135,7 +136,7 @@ def secure_train(message: Message, context: Context, start: float) -> Message:
         "tokens": stats.tokens,
         "train-seconds": stats.seconds,
         "seconds": time.perf_counter() - start,
-        "clipped": int(scaled),
+        "clipped": int(norm > clip),
     }
     arrays = [delta[name].detach().cpu().numpy() for name in sum_names(plan)]
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, metrics)

@@ -88,12 +88,12 @@ def client_delta(plan: ClientPlan, update: ClientUpdate | None, counted: dict[st
     return delta
 
 
-def clipped(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], bool]:
-    """``delta`` scaled to L2 norm at most ``clip`` (all its tensors as one vector), and whether it was scaled."""
+def clipped(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """``delta`` scaled to L2 norm at most ``clip`` (all its tensors as one vector), and its norm before."""
     norm = math.sqrt(sum(float(t.square().sum()) for t in delta.values()))
     if norm <= clip:
-        return delta, False
-    return {k: t * (clip / norm) for k, t in delta.items()}, True
+        return delta, norm
+    return {k: t * (clip / norm) for k, t in delta.items()}, norm
 
 
 def unchanged(plan: ClientPlan) -> ClientUpdate:
@@ -109,25 +109,27 @@ def sum_names(plan: ClientPlan) -> list[str]:
 
 
 def private_delta(plan: ClientPlan, update: ClientUpdate | None, counted: dict[str, torch.Tensor], clip: float):
-    """``(clip(δ), scaled)``: what client ``plan.client`` adds to the round's sums (``client_delta`` clipped to
-    ``clip``), computed by the server from an update it sees or by the client itself under secure aggregation."""
+    """``(clip(δ), ‖δ‖)``: what client ``plan.client`` adds to the round's sums (``client_delta`` clipped to
+    ``clip``) and its norm before the clip, computed by the server from an update it sees or by the client
+    itself under secure aggregation."""
     return clipped(client_delta(plan, update, counted), clip)
 
 
 def round_sums(
     plans: Sequence[ClientPlan], updates: Sequence[ClientUpdate], counted: dict[str, torch.Tensor], clip: float
-) -> tuple[dict[str, torch.Tensor], int]:
-    """``(Σ_i clip(δ_i), scaled)`` over every planned client (one without an update adds zeros), and how many
-    deltas were scaled down: the sums a secure-aggregation protocol computes."""
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """``(Σ_i clip(δ_i), norms)`` over every planned client (one without an update adds zeros): the sums a
+    secure-aggregation protocol computes, and the norms before the clip of the deltas of ``updates``."""
     by_client = {u.client: u for u in updates}
     if set(by_client) - {p.client for p in plans}:
         raise ValueError(f"updates of unplanned clients {sorted(set(by_client) - {p.client for p in plans})}")
-    sums, scaled = None, 0
+    sums, norms = None, []
     for plan in plans:
-        delta, was_scaled = private_delta(plan, by_client.get(plan.client), counted, clip)
-        scaled += was_scaled
+        delta, norm = private_delta(plan, by_client.get(plan.client), counted, clip)
+        if plan.client in by_client:
+            norms.append(norm)
         sums = delta if sums is None else {k: sums[k] + t for k, t in delta.items()}
-    return sums, scaled
+    return sums, norms
 
 
 def check_sum_form(strategy: Strategy) -> None:
@@ -149,13 +151,15 @@ def aggregate_sums(
     """The round's step in sum form (module docstring) over the round's ``plans`` (every sampled client) and
     the accepted ``updates`` (matched to plans by client; a plan without one counts as unchanged); noise drawn
     from ``generator`` (needed when ``params.noise_multiplier > 0``). Returns the step's ``RoundResult`` and
-    ``{"dp_clipped": clients whose delta was scaled down, "dp_modules_kept": modules over all layers with a
-    holder but fewer than min_holders}``. ``ValueError`` for a method that is not a sum or weights by data."""
+    ``{"dp_clipped": clients whose delta was scaled down, "dp_norm_median": the median norm of the updates'
+    deltas before the clip (None without one), "dp_modules_kept": modules over all layers with a holder but
+    fewer than min_holders}``. ``ValueError`` for a method that is not a sum or weights by data."""
     check_sum_form(strategy)
     counted = {name: d > 0 for name, d in denominators(strategy, plans, params.min_holders).items()}
-    sums, scaled = round_sums(plans, updates, counted, params.clip)
+    sums, norms = round_sums(plans, updates, counted, params.clip)
     result, info = apply_sums(strategy, rnd, plans, sums, params, generator)
-    return result, {"dp_clipped": scaled, **info}
+    clipped_count = sum(norm > params.clip for norm in norms)
+    return result, {"dp_clipped": clipped_count, "dp_norm_median": float(np.median(norms)) if norms else None, **info}
 
 
 def apply_sums(

@@ -440,8 +440,8 @@ def test_a_client_that_does_not_clip_gets_the_secure_round_rejected(tiny_models,
     from fed_plora.fl.privacy.mechanism import private_delta
 
     def unclipped(plan, update, counted, clip):
-        delta, scaled = private_delta(plan, update, counted, clip)
-        return ({k: t * 100 for k, t in delta.items()} if plan.client == 0 else delta), scaled
+        delta, norm = private_delta(plan, update, counted, clip)
+        return ({k: t * 100 for k, t in delta.items()} if plan.client == 0 else delta), norm
 
     monkeypatch.setattr(node, "private_delta", unclipped)
     config = tiny_config(tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedplora"]', "federation.fraction=1.0", "federation.rounds=1")

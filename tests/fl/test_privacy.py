@@ -58,6 +58,7 @@ def test_the_sum_form_is_each_methods_own_step(name, options):
     theirs.aggregate(0, [*updates[:3], dropped, updates[4]])
     _, info = aggregate_sums(ours, 0, plans, updates[:3] + updates[4:], PrivacyParams(math.inf, 0.0))
     torch.testing.assert_close(flat(ours), flat(theirs), rtol=0, atol=1e-5)
+    assert info.pop("dp_norm_median") > 0
     assert info == {"dp_clipped": 0, "dp_modules_kept": 0}
     assert not torch.allclose(flat(ours), flat(strategy(name, options)))  # the round moved the model
 
@@ -96,7 +97,7 @@ def test_a_client_a_hundred_times_the_clip_moves_the_model_by_at_most_c_over_its
     aggregate_sums(without, 0, [without.configure_client(0, c, 4) for c in range(5)], [], PrivacyParams(clip, 0.0))
     _, info = aggregate_sums(s, 0, plans, [big], PrivacyParams(clip, 0.0))
     moved = float((flat(s) - flat(without)).norm())
-    assert info["dp_clipped"] == 1
+    assert info["dp_clipped"] == 1 and info["dp_norm_median"] == pytest.approx(100 * clip, rel=1e-4)
     assert moved == pytest.approx(clip / len(plans), rel=1e-4)
 
 
