@@ -173,7 +173,8 @@ class Server:
             raise ValueError("secure aggregation needs [privacy]: clip bounds what a client adds to a sum it cannot check")
         accepted, faults = self.screen(planned, results, seen=False)
         start = time.perf_counter()
-        contributors = [planned.plans.index(plan) for plan, _ in accepted]
+        kept = {id(plan) for plan, _ in accepted}
+        contributors = [i for i, plan in enumerate(planned.plans) if id(plan) in kept]
         counted = {n: d > 0 for n, d in denominators(self.strategy, planned.plans, self.privacy.min_holders).items()}
         try:
             if len(accepted) != sum(result.error is None for result in results):
@@ -226,7 +227,8 @@ class Server:
     def aggregate(self, planned: RoundPlan, updates: list[ClientUpdate]) -> tuple[RoundResult | None, dict]:
         """The strategy's aggregation of the round's valid ``updates`` (None when there is none), and the
         record's privacy fields: with privacy, the private sum form over every planned client, its
-        ``dp_clipped``, ``dp_modules_kept`` and ``dp_epsilon`` (spent by the end of this round); none without."""
+        ``dp_clipped``, ``dp_norm_median``, ``dp_modules_kept`` and ``dp_epsilon`` (spent by the end of this
+        round); none without."""
         if self.privacy is None:
             aggregated, fields = (self.strategy.aggregate(planned.rnd, updates) if updates else None), {}
         else:

@@ -11,7 +11,13 @@ from helpers import DATA, moved_update, simulated, stable, tiny_config
 
 from fed_plora.fl.config import ConfigError, load_config
 from fed_plora.fl.privacy.accounting import TOLERANCE, epsilon, noise_for_epsilon
-from fed_plora.fl.privacy.mechanism import PrivacyParams, aggregate_sums, noise_generator
+from fed_plora.fl.privacy.mechanism import (
+    PrivacyParams,
+    aggregate_sums,
+    check_secure_sums,
+    noise_generator,
+    round_sums,
+)
 from fed_plora.fl.storage import read_jsonl
 from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
 
@@ -296,3 +302,26 @@ def test_a_private_run_records_its_epsilon_and_privacy_off_changes_nothing(tiny_
     assert Config.from_dict(saved) == plain
     again = read_jsonl(simulated(Config.from_dict(saved), "again") / "metrics.jsonl")
     assert stable(again) == stable(off)
+
+
+def test_what_a_server_can_check_of_a_secure_sum():
+    """A sum the server cannot take apart is still checked: honest clipped deltas pass; a delta in a module no
+    contributor was planned to train, an unclipped delta, a missing tensor or a NaN are each named."""
+    s, clip = strategy("rblora", {}), 0.5
+    plans = [s.configure_client(0, c, r) for c, r in enumerate([1, 2, 1])]  # RB-LoRA: modules 0 and 1 only
+    counted = {n: torch.ones(R, dtype=torch.bool) for n in plans[0].adapter}
+    updates = [moved_update(p, 7, c) for c, p in enumerate(plans)]
+    sums, norms = round_sums(plans, updates, counted, clip)
+    assert max(norms) > clip  # the honest sum is of clipped deltas
+    check_secure_sums(plans, [0, 1, 2], sums, counted, clip, slack=1e-6)
+    faults = {
+        "modules \\[3\\]": {**sums, "q.a": sums["q.a"].index_fill(0, torch.tensor([3]), 1e-3)},
+        "did not clip": {k: t * 10 for k, t in sums.items()},
+        "carries tensors": {k: t for k, t in sums.items() if k != "v.b"},
+        "not finite": {**sums, "v.b": sums["v.b"].index_fill(1, torch.tensor([0]), float("nan"))},
+    }
+    for message, planted in faults.items():
+        with pytest.raises(ValueError, match=message):
+            check_secure_sums(plans, [0, 1, 2], planted, counted, clip, slack=1e-6)
+    with pytest.raises(ValueError, match="modules \\[1\\]"):  # only client 0 (module 0) contributed
+        check_secure_sums(plans, [0], sums, counted, clip * 3, slack=1e-6)
