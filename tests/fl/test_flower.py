@@ -483,3 +483,19 @@ def test_secure_aggregation_refuses_a_run_without_privacy(tiny_models, tmp_path)
     with pytest.raises(ValueError, match=r"flower.secure-aggregation: needs \[privacy\]"):
         run_on_flower(LocalGrid(3), config, secure=SecAggSettings())
     assert not (tmp_path / config.run.name).exists()
+
+
+def test_the_server_app_reads_secure_aggregation_from_the_run_config(monkeypatch):
+    """``flwr run --run-config "flower.secure-aggregation=true flower.secagg-shares=3"`` reaches the run as
+    ``SecAggSettings``; without it the run is plain."""
+    from fed_plora.fl.flower import server_app
+
+    seen = []
+    monkeypatch.setattr(server_app, "run_on_flower", lambda grid, config, *a, secure=None, **k: seen.append(secure) or ("dir", "table"))
+    for extra, expected in (
+        ({}, None),
+        ({"flower.secure-aggregation": True, "flower.secagg-shares": 3, "flower.secagg-threshold": 2}, SecAggSettings(3, 2)),
+    ):
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"run.name": "x", **extra})
+        server_app.main(None, context)
+        assert seen.pop() == expected
