@@ -418,7 +418,10 @@ def test_secagg_plus_rounds_equal_the_private_simulator(tiny_models, tmp_path, s
     run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
     local_dir = simulated(tiny_config(tiny_models, tmp_path, *PRIVATE), "local")
     for method in ("fedplora", "fedit"):
-        ours, theirs = load_checkpoint(local_dir / "checkpoints", method), load_checkpoint(tmp_path / "secure" / "checkpoints", method)
+        ours, theirs = (
+            load_checkpoint(local_dir / "checkpoints", method),
+            load_checkpoint(tmp_path / "secure" / "checkpoints", method),
+        )
         for key, tensor in ours.tensors.items():
             torch.testing.assert_close(theirs.tensors[key], tensor, rtol=0, atol=1e-5, msg=f"{method} {key}")
         assert any(float(t.abs().max()) > 0 for k, t in theirs.tensors.items() if k.endswith(".b")), "the rounds moved B"
@@ -444,7 +447,9 @@ def test_a_client_that_does_not_clip_gets_the_secure_round_rejected(tiny_models,
         return ({k: t * 100 for k, t in delta.items()} if plan.client == 0 else delta), norm
 
     monkeypatch.setattr(node, "private_delta", unclipped)
-    config = tiny_config(tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedplora"]', "federation.fraction=1.0", "federation.rounds=1")
+    config = tiny_config(
+        tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedplora"]', "federation.fraction=1.0", "federation.rounds=1"
+    )
     with pytest.raises(RunFailed, match="did not clip"):
         run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
     (record,) = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
@@ -469,7 +474,9 @@ def test_a_false_claim_under_secagg_rejects_the_round(tiny_models, tmp_path, ser
         return plan, update, stats
 
     monkeypatch.setattr(node, "train_plan", lying)
-    config = tiny_config(tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedit"]', "federation.fraction=1.0", "federation.rounds=1")
+    config = tiny_config(
+        tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedit"]', "federation.fraction=1.0", "federation.rounds=1"
+    )
     with pytest.raises(RunFailed):
         run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
     (record,) = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
@@ -491,7 +498,9 @@ def test_the_server_app_reads_secure_aggregation_from_the_run_config(monkeypatch
     from fed_plora.fl.flower import server_app
 
     seen = []
-    monkeypatch.setattr(server_app, "run_on_flower", lambda grid, config, *a, secure=None, **k: seen.append(secure) or ("dir", "table"))
+    monkeypatch.setattr(
+        server_app, "run_on_flower", lambda grid, config, *a, secure=None, **k: seen.append(secure) or ("dir", "table")
+    )
     for extra, expected in (
         ({}, None),
         ({"flower.secure-aggregation": True, "flower.secagg-shares": 3, "flower.secagg-threshold": 2}, SecAggSettings(3, 2)),
