@@ -1,19 +1,20 @@
 """A private run's rounds under Flower's SecAgg+: the server sees each round only as the sum of its clients'
 clipped deltas.
 
-Flower's ``SecAggPlusWorkflow`` drives a legacy Flower strategy; ``SecureStrategy`` is ours in that form. Each
-round it plans the clients (``fl.rounds.Server.plan_round``) and hands every plan to its node as a legacy
-``FitIns`` (``wire.secure_fit_ins``); the node trains, clips its whole delta to ``privacy.clip`` and returns it
-zero-filled to all ``R`` modules of every layer with weight 1 (``client_app.secure_train``); the protocol masks,
-sums and unmasks, and hands back the mean over the clients whose vectors it summed. The server multiplies by
-their count, checks the sum as far as a sum can be checked and applies it with the round's noise
+Flower's ``SecAggPlusWorkflow`` drives a legacy Flower strategy; ``SecureStrategy`` is ours in that form, and
+``run_secure`` runs the workflow once per round. Each round it plans the clients
+(``fl.rounds.Server.plan_round``) and hands every plan to its node as a legacy ``FitIns``
+(``wire.secure_fit_ins``); the node trains, clips its whole delta to ``privacy.clip`` and returns it zero-filled
+to all ``R`` modules of every layer with weight 1 (``client_app.secure_train``); the protocol masks, sums and
+unmasks, and hands back the mean over the clients whose vectors it summed. The server multiplies by their count,
+checks the sum as far as a sum can be checked and applies it with the round's noise
 (``Server.finish_secure_round``): the same step as the in-process private run up to SecAgg+'s quantisation.
 
-What the server no longer sees: any one client's update. So the per-update checks (planned modules only,
-finite values, norm bound) become checks of the sum (``fl.privacy.mechanism.check_secure_sums``), a client's
-clip is its own to apply, and one fault rejects the whole round. The claims (data size, steps, loss) still
-travel in the clear and are checked. Records carry no aggregation noise (it needs each update) and no Flower
-byte counts (the workflow owns the messages); ``bytes_up_sum_bf16`` is what a client sends.
+What the server no longer sees: any one client's update. So the per-update checks (planned modules only, finite
+values, norm bound) become checks of the sum (``fl.privacy.mechanism.check_secure_sums``), a client's clip is
+its own to apply, and one fault rejects the whole round. The claims (data size, steps, loss) still travel in the
+clear and are checked. Records carry no aggregation noise (it needs each update) and no Flower byte counts (the
+workflow owns the messages); ``bytes_up_sum_bf16`` is what a client sends.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import flwr.compat.common.recorddict_compat as compat
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
+from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy as LegacyStrategy
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..privacy.mechanism import denominators, sum_names
 from ..rounds.checkpoint import Checkpoint
@@ -113,18 +118,21 @@ class SecureStrategy(LegacyStrategy):
         return instructions
 
     def aggregate_fit(self, server_round: int, results, failures):
-        planned, self.pending = self.pending, None
+        planned = self.pending
         by_client = {self.client_of[proxy.node_id]: fit_res for proxy, fit_res in results if proxy.node_id in self.client_of}
         sums = None
         if by_client:
             names = sum_names(planned.plans[0])
             mean = parameters_to_ndarrays(next(iter(by_client.values())).parameters)
-            if len(mean) != len(names):
-                raise RuntimeError(f"SecAgg+ returned {len(mean)} tensors; the round sums {len(names)}")
+            if len(mean) != len(names):  # SecAgg+ sums tensor lists pairwise, cut to the shortest
+                self.finish_halted(f"SecAgg+ returned {len(mean)} tensors for the {len(names)} summed: a node sent another shape")
+                return ndarrays_to_parameters([]), {}
             sums = {name: torch.from_numpy(array).double() * len(results) for name, array in zip(names, mean)}
         outcome = [self._result(plan, by_client.get(plan.client)) for plan in planned.plans]
         slack = self.settings.slack(self.server.privacy.clip, len(results))
-        self._finish(self.server.finish_secure_round(planned, outcome, sums, slack))
+        record = self.server.finish_secure_round(planned, outcome, sums, slack)
+        self.pending = None
+        self._finish(record)
         return ndarrays_to_parameters([]), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):
@@ -136,12 +144,13 @@ class SecureStrategy(LegacyStrategy):
     def evaluate(self, server_round: int, parameters: Parameters):
         return None
 
-    def finish_halted(self) -> None:
-        """Record a planned round whose aggregation never came (the protocol halted): every client dropped."""
+    def finish_halted(self, reason: str = "secure aggregation halted: too few clients answered a stage of SecAgg+") -> None:
+        """Record a planned round whose aggregation never came (the protocol halted or failed, ``reason``):
+        every client dropped, the model unchanged."""
         if self.pending is None:
             return
         planned, self.pending = self.pending, None
-        halted = RuntimeError("secure aggregation halted: too few clients answered a stage of SecAgg+")
+        halted = RuntimeError(reason)
         record = self.server.finish_secure_round(planned, [ClientResult(error=halted) for _ in planned.plans], None, 0.0)
         self._finish(record)
 
@@ -166,13 +175,26 @@ def _seconds(value) -> float:
 
 
 def run_secure(grid, strategy: SecureStrategy, rounds: int, timeout: float | None) -> None:
-    """``rounds`` rounds of ``strategy`` over ``grid`` under Flower's SecAgg+ workflow."""
-    run_id = grid.run.run_id
-    context = LegacyContext(
-        Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=rounds),
-        strategy=strategy,
-    )
-    workflow = DefaultWorkflow(fit_workflow=strategy.settings.workflow(strategy.server.privacy.clip, timeout))
-    workflow(grid, context)
-    strategy.finish_halted()
+    """``rounds`` rounds of ``strategy`` over ``grid``, each one run of Flower's SecAgg+ workflow (what its
+    ``DefaultWorkflow`` does per round, without the centralised evaluation, which ``RunServer`` does). A round
+    whose protocol raises (a node's masked vector of another shape, say) is recorded with every planned
+    client dropped and the reason, and the run goes on."""
+    workflow = strategy.settings.workflow(strategy.server.privacy.clip, timeout)
+    for rnd in range(1, rounds + 1):
+        context = LegacyContext(
+            Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            config=ServerConfig(num_rounds=rounds),
+            strategy=strategy,
+        )
+        for node in grid.get_node_ids():
+            context.client_manager.register(GridClientProxy(node, grid, grid.run.run_id))
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters([]), True)
+        try:
+            workflow(grid, context)
+        except Exception as error:
+            if strategy.pending is None:
+                raise  # before the round was planned (no node at all, say): the run's own failure
+            log.warning("SecAgg+ failed in round %d: %s: %s", rnd, type(error).__name__, error)
+            strategy.finish_halted(f"SecAgg+ failed: {type(error).__name__}: {error}")  # the round is lost, not the run
+        strategy.finish_halted()

@@ -485,6 +485,29 @@ def test_a_false_claim_under_secagg_rejects_the_round(tiny_models, tmp_path, ser
     assert all("secure aggregate rejected" in reasons[c] for c in (0, 2))
 
 
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"no local data directory at {DATA}")
+def test_a_malformed_masked_vector_costs_its_round_not_the_run(tiny_models, tmp_path, server_identity, monkeypatch):
+    """A node whose vector has another shape than the round's makes SecAgg+ itself fail: that round is recorded
+    with every planned client dropped and the reason, and the next round runs."""
+    from fed_plora.fl.flower import client_app as node
+    from fed_plora.fl.privacy.mechanism import sum_names
+
+    def short(plan):
+        names = sum_names(plan)
+        return names[:-1] if plan.client == 0 and not node_rounds.append(plan.client) and len(node_rounds) == 1 else names
+
+    node_rounds = []
+    monkeypatch.setattr(node, "sum_names", short)
+    config = tiny_config(
+        tiny_models, tmp_path, *PRIVATE, 'methods.names=["fedit"]', "federation.fraction=1.0", "federation.rounds=3"
+    )
+    run_on_flower(LocalGrid(3), config, node_timeout=5, secure=SecAggSettings())
+    first, second, _ = read_jsonl(tmp_path / config.run.name / "metrics.jsonl")
+    assert {f["client"] for f in first["faults"]} == {0, 1, 2}
+    assert all("a node sent another shape" in f["reason"] for f in first["faults"])
+    assert not second["faults"]
+
+
 def test_secure_aggregation_refuses_a_run_without_privacy(tiny_models, tmp_path):
     config = tiny_config(tiny_models, tmp_path)
     with pytest.raises(ValueError, match=r"flower.secure-aggregation: needs \[privacy\]"):
