@@ -206,12 +206,20 @@ CUSTOM_FIELDS = {
 
 
 def _task_checks(task: TaskSection):
-    """A custom task needs its train file and only its kind's fields and metrics; a built-in task refuses them."""
+    """A custom task needs its train file and only its kind's fields and metrics; a built-in task refuses them,
+    but for a headline metric among those it is scored by."""
     default = TaskSection()
     changed = [k for k in CUSTOM_FIELDS if getattr(task, k) != getattr(default, k)]
     if task.name != CUSTOM:
+        spec = TASKS.get(task.name)
         for key in changed:
-            yield f"task.{key} = {getattr(task, key)!r}: only for task.name = 'custom' (the user's own files), not {task.name!r}"
+            if key == "metric" and spec is not None:
+                if task.metric not in (spec.metric, *spec.also):
+                    allowed = ", ".join((spec.metric, *spec.also))
+                    yield f"task.metric = {task.metric!r}: task.name = {task.name!r} is scored by {allowed}"
+            elif key != "metric":
+                value = getattr(task, key)
+                yield f"task.{key} = {value!r}: only for task.name = 'custom' (the user's own files), not {task.name!r}"
         return
     if task.train_file is None:
         yield "task.train_file: task.name = 'custom' needs a train file (.csv, .tsv, .json or .jsonl)"

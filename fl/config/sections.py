@@ -73,7 +73,8 @@ class TaskSection:
     metric: str | None = setting(
         None,
         choice([m for metrics in CUSTOM_METRICS.values() for m in metrics], optional=True),
-        "custom: classification accuracy (default), f1, matthews; generation rouge_l (default), exact_match",
+        "the headline metric: custom classification accuracy (default), f1, matthews; custom generation rouge_l"
+        " (default), exact_match; a built-in task's own or one it also reports (mrpc, cola: accuracy)",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from .custom import custom_examples, custom_task
@@ -32,10 +33,14 @@ def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> 
 
 
 def task_from_config(config) -> TaskSpec:
-    """The task of a run's config (or of its ``[task]`` section): a built-in task by name, or for ``name =
-    "custom"`` the spec of the user's files (``fl.data.custom``: kind, metric, the train file's label set)."""
+    """The task of a run's config (or of its ``[task]`` section): a built-in task by name (its headline metric
+    ``task.metric`` when set, one of the task's), or for ``name = "custom"`` the spec of the user's files
+    (``fl.data.custom``: kind, metric, the train file's label set)."""
     section = getattr(config, "task", config)
-    return custom_task(section) if section.name == CUSTOM else get_task(section.name)
+    if section.name == CUSTOM:
+        return custom_task(section)
+    spec = get_task(section.name)
+    return replace(spec, metric=section.metric) if section.metric is not None else spec
 
 
 def task_examples(section, task: TaskSpec, split: str) -> list[dict]:

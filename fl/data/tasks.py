@@ -17,7 +17,8 @@ from .sources import PUBMEDQA_DECISIONS
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task. ``metric``: the headline metric key; ``num_labels``: classes (classification only);
+    """One task. ``metric``: the headline metric key; ``also``: the other metrics it is scored by, any of which
+    a config may make the headline (``task.metric``); ``num_labels``: classes (classification only);
     ``labels``: a custom task's label of each class id (``fl.data.custom``)."""
 
     name: str
@@ -27,6 +28,7 @@ class TaskSpec:
     num_labels: int | None = None
     max_new_tokens: int = 0
     labels: tuple = ()
+    also: tuple = ()
 
 
 def _single(row: dict) -> dict:
@@ -65,9 +67,9 @@ def _pubmedqa(row: dict) -> dict:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("cola", "classification", "matthews", _single, num_labels=2),
+    "cola": TaskSpec("cola", "classification", "matthews", _single, num_labels=2, also=("accuracy",)),
     "sst2": TaskSpec("sst2", "classification", "accuracy", _single, num_labels=2),
-    "mrpc": TaskSpec("mrpc", "classification", "f1", _pair, num_labels=2),
+    "mrpc": TaskSpec("mrpc", "classification", "f1", _pair, num_labels=2, also=("accuracy",)),
     "rte": TaskSpec("rte", "classification", "accuracy", _pair, num_labels=2),
     "gsm8k": TaskSpec("gsm8k", "generation", "exact_match", _gsm8k, max_new_tokens=256),
     "dolly": TaskSpec("dolly", "generation", "rouge_l", _dolly, max_new_tokens=128),

@@ -187,6 +187,7 @@ def test_a_missing_file_is_named(tmp_path):
             r"task\.eval_fraction = 0\.3",
         ),
         (["task.eval_fraction=1.0"], r"task\.eval_fraction = 1\.0: must be a number in \(0, 1\)"),
+        (['task.name="sst2"', 'task.metric="f1"'], r"task\.metric = 'f1': task\.name = 'sst2' is scored by accuracy$"),
         (['task.kind="regression"'], r"task\.kind = 'regression': must be one of classification, generation"),
     ],
 )
@@ -234,3 +235,11 @@ def test_a_bad_file_is_refused_before_anything_is_written(tiny_models, tmp_path,
     err = capsys.readouterr().err
     assert re.search(r"bad\.csv, line 5, column 'text' \(task\.text_column\): expected a non-empty string", err), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_built_in_task_can_be_judged_by_another_of_its_metrics():
+    """MRPC is scored by F1 and accuracy; ``task.metric = "accuracy"`` makes accuracy the headline (tables,
+    studies, the majority row), the default stays F1."""
+    assert task_from_config(load_config(None, ['task.name="mrpc"'])).metric == "f1"
+    assert task_from_config(load_config(None, ['task.name="mrpc"', 'task.metric="accuracy"'])).metric == "accuracy"
+    assert task_from_config(load_config(None, ['task.name="cola"', 'task.metric="accuracy"'])).metric == "accuracy"
