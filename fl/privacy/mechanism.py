@@ -13,6 +13,11 @@ denominators and indicators come from the plans, which the server draws without 
 planned client whose update was dropped or rejected counts with ``δ_i = 0``: the sums are all a
 secure-aggregation protocol would have to compute. A module planned for fewer than ``min_holders`` clients is
 left out of the sums (its ``d_j`` is 0, it keeps its value).
+
+In this process ``aggregate_sums`` does it all: ``round_sums`` (each ``private_delta``, summed) then
+``apply_sums`` (step, noise, divisors). Under secure aggregation each client computes its ``private_delta``
+itself, the protocol sums them, and the server checks what a sum shows (``check_secure_sums``) before
+``apply_sums``.
 """
 
 from __future__ import annotations
