@@ -39,7 +39,7 @@ from ..privacy.mechanism import private_delta, sum_names
 from ..rounds.client import fit, fit_settings
 from ..strategies import Adapter, Factors, strategy_class
 from .strategy import PARTITION_KEY
-from .wire import TrainRequest, from_arrays, read_request, read_secure_fit_ins, to_arrays, update_content
+from .wire import TrainRequest, claims, from_arrays, read_request, read_secure_fit_ins, to_arrays, update_content
 
 DATA_DIR_KEY = "data-dir"
 
@@ -129,15 +129,7 @@ def secure_train(message: Message, context: Context, start: float) -> Message:
     plan, update, stats = train_plan(request, context)
     clip = request.config.privacy.clip
     delta, norm = private_delta(plan, update, counted, clip)
-    metrics = {
-        "num-examples": update.num_examples,
-        "loss": stats.loss,
-        "steps": stats.steps,
-        "tokens": stats.tokens,
-        "train-seconds": stats.seconds,
-        "seconds": time.perf_counter() - start,
-        "clipped": int(norm > clip),
-    }
+    metrics = {**claims(update, stats, time.perf_counter() - start), "clipped": int(norm > clip)}
     arrays = [delta[name].detach().cpu().numpy() for name in sum_names(plan)]
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 1, metrics)
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=message)

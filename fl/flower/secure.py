@@ -37,10 +37,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from ..privacy.mechanism import denominators, sum_names
 from ..rounds.checkpoint import Checkpoint
-from ..rounds.client import TrainStats
 from ..rounds.server import ClientResult, RoundPlan, Server
 from .strategy import Nodes
-from .wire import secure_fit_ins
+from .wire import read_claims, secure_fit_ins
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,6 @@ class SecureStrategy(LegacyStrategy):
         return ndarrays_to_parameters([])  # the global state is the server's own, never sent whole
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
-        self.finish_halted()
         self.nodes.discover(self.grid, self.node_timeout)
         server = self.server
         self.pending = planned = server.plan_round()
@@ -163,15 +161,8 @@ class SecureStrategy(LegacyStrategy):
         claim fails ``check_claims``, which rejects the round), else why it is not in the sum."""
         if fit_res is None:
             return ClientResult(error=LookupError("its masked vector is not in the secure sum (not asked, or dropped out)"))
-        claims = fit_res.metrics
-        stats = TrainStats(claims.get("loss"), claims.get("steps"), claims.get("tokens"), _seconds(claims.get("train-seconds")))
-        update = self.server.claimed_update(plan, claims.get("num-examples"))
-        return ClientResult(update, stats, seconds=_seconds(claims.get("seconds")))
-
-
-def _seconds(value) -> float:
-    """A claimed duration as a number (0 when it is none): timings are reported, never trusted for anything."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+        num_examples, stats, seconds = read_claims(fit_res.metrics)
+        return ClientResult(self.server.claimed_update(plan, num_examples), stats, seconds=seconds)
 
 
 def run_secure(grid, strategy: SecureStrategy, rounds: int, timeout: float | None) -> None:

@@ -153,9 +153,9 @@ def read_secure_fit_ins(fit_ins: FitIns) -> tuple[TrainRequest, dict[str, torch.
     return request_from(settings, str(settings["run"]), download), counted
 
 
-def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> RecordDict:
-    """The content of a client's reply: its upload and its training statistics."""
-    metrics = {
+def claims(update: ClientUpdate, stats: TrainStats, seconds: float) -> dict:
+    """What a client says of its round, as it travels (a reply's ``stats``, or a secure round's fit metrics)."""
+    return {
         "num-examples": update.num_examples,
         "loss": stats.loss,
         "steps": stats.steps,
@@ -163,14 +163,28 @@ def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> R
         "train-seconds": stats.seconds,
         "seconds": seconds,
     }
-    return RecordDict({"upload": to_arrays(update.upload()), "stats": MetricRecord(metrics)})
 
 
-def read_reply(content: RecordDict) -> tuple[dict[str, torch.Tensor], int, TrainStats, float]:
-    """``(uploaded tensors, num_examples, stats, seconds)`` of a client's reply, its claims as sent (never
-    converted: ``check_claims`` judges them, so that ``steps = 1.9`` is not read as 1)."""
+def read_claims(sent) -> tuple[object, TrainStats, float]:
+    """``(num_examples, stats, seconds)`` of ``claims`` as sent: never converted, a missing one None
+    (``check_claims`` judges them, so that ``steps = 1.9`` is not read as 1); the timings, which are reported
+    and never trusted, as numbers (0 when not one)."""
+    stats = TrainStats(sent.get("loss"), sent.get("steps"), sent.get("tokens"), _seconds(sent.get("train-seconds")))
+    return sent.get("num-examples"), stats, _seconds(sent.get("seconds"))
+
+
+def _seconds(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def update_content(update: ClientUpdate, stats: TrainStats, seconds: float) -> RecordDict:
+    """The content of a client's reply: its upload and its training statistics."""
+    return RecordDict({"upload": to_arrays(update.upload()), "stats": MetricRecord(claims(update, stats, seconds))})
+
+
+def read_reply(content: RecordDict) -> tuple[dict[str, torch.Tensor], object, TrainStats, float]:
+    """``(uploaded tensors, num_examples, stats, seconds)`` of a client's reply (``read_claims``)."""
     if "upload" not in content or "stats" not in content:
         raise ValueError(f"reply must carry 'upload' and 'stats' records, got {sorted(content)}")
-    stats = content["stats"]
-    train = TrainStats(stats["loss"], stats["steps"], stats["tokens"], float(stats["train-seconds"]))
-    return from_arrays(content["upload"]), stats["num-examples"], train, float(stats["seconds"])
+    num_examples, stats, seconds = read_claims(content["stats"])
+    return from_arrays(content["upload"]), num_examples, stats, seconds
