@@ -125,7 +125,7 @@ def score(task: str, predictions: list, references: list, metric: str | None = N
         return out
     if task == "cola":
         return {"matthews": matthews_corrcoef(predictions, references), "accuracy": accuracy(predictions, references)}
-    if task in ("sst2", "rte"):
+    if task in ("sst2", "rte", "dolly_category"):
         return {"accuracy": accuracy(predictions, references)}
     if task == "mrpc":
         return {"f1": f1_binary(predictions, references), "accuracy": accuracy(predictions, references)}

@@ -44,7 +44,7 @@ def dirichlet(
 
 
 def by_category(categories: list[str], num_clients: int, rng: np.random.Generator) -> list[list[int]]:
-    """Category skew (Dolly): category k (sorted by name) goes to clients c with c ≡ k (mod #categories),
+    """Category skew (dolly, dolly_category): category k (sorted by name) goes to clients c with c ≡ k (mod #categories),
     split evenly among them; with fewer clients than categories, client c gets every k ≡ c (mod clients)."""
     _check_clients(num_clients, len(categories))
     names = sorted(set(categories))
@@ -82,7 +82,7 @@ def partition(
         return dirichlet([e["label"] for e in examples], num_clients, alpha, rng)
     if scheme == "category":
         if "category" not in examples[0]:
-            raise ValueError("partition 'category' needs examples with a 'category' (only dolly has one)")
+            raise ValueError("partition 'category' needs examples with a 'category' (dolly and dolly_category have one)")
         return by_category([e["category"] for e in examples], num_clients, rng)
     raise ValueError(f"unknown partition scheme {scheme!r}; choose iid, dirichlet, category or {PREFIX}<Partitioner>")
 

@@ -4,7 +4,8 @@ Both sources yield the same normalised rows per task, so everything downstream i
 
 - cola, sst2: ``{"sentence", "label"}``; mrpc, rte: ``{"sentence1", "sentence2", "label"}`` (int labels,
   as on the Hub: MRPC 1 = equivalent, RTE 0 = entailment);
-- gsm8k: ``{"question", "answer"}``; dolly: ``{"instruction", "context", "response", "category"}``;
+- gsm8k: ``{"question", "answer"}``; dolly and dolly_category (the same file): ``{"instruction", "context",
+  "response", "category"}``, dolly_category's category one of ``DOLLY_CATEGORIES``;
 - pubmedqa: ``{"question", "contexts", "final_decision"}``.
 
 Splits are ``"train"`` and ``"eval"`` (GLUE dev, GSM8K test, the official 500 PubMedQA test ids; Dolly
@@ -46,6 +47,18 @@ _BINARY_LABELS = {"0": 0, "1": 1}
 _RTE_LABELS = {"entailment": 0, "not_entailment": 1}
 _DOLLY_EVAL_EVERY = 20
 PUBMEDQA_DECISIONS = ("yes", "no", "maybe")
+#: Dolly's eight instruction categories, the class ids of ``dolly_category`` in this order.
+DOLLY_CATEGORIES = (
+    "brainstorming",
+    "classification",
+    "closed_qa",
+    "creative_writing",
+    "general_qa",
+    "information_extraction",
+    "open_qa",
+    "summarization",
+)
+_DOLLY_FIELDS = ("instruction", "context", "response", "category")
 
 
 class DataError(ValueError):
@@ -139,8 +152,9 @@ def json_lines(path: Path, expected: str, offset: str = "column") -> list[tuple[
     return objects
 
 
-def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    """The rows of a JSON lines file, each an object with the string ``fields`` (others ignored)."""
+def _jsonl(path: Path, fields: tuple[str, ...], choices: dict[str, tuple[str, ...]] | None = None) -> list[dict]:
+    """The rows of a JSON lines file, each an object with the string ``fields`` (others ignored); a field
+    named in ``choices`` must hold one of its values."""
     expected = f"one JSON object per line with the string fields {', '.join(fields)}"
     rows = []
     for number, row in json_lines(path, expected):
@@ -148,6 +162,9 @@ def _jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
             if not isinstance(row.get(name), str):
                 found = "missing" if name not in row else f"{row[name]!r}"
                 raise DataError(f"{path}, line {number}, field {name!r}: expected a string, got {found}")
+        for name, allowed in (choices or {}).items():
+            if row[name] not in allowed:
+                raise DataError(f"{path}, line {number}, field {name!r}: expected one of {', '.join(allowed)}, got {row[name]!r}")
         rows.append({name: row[name] for name in fields})
     if not rows:
         raise DataError(f"{path}: no rows (expected {expected})")
@@ -212,10 +229,9 @@ def local_rows(task: str, split: str, data_dir: str | Path) -> list[dict]:
     if task == "gsm8k":
         name = "train.jsonl" if split == "train" else "test.jsonl"
         return _jsonl(_require(root / "gsm8k" / name, task), ("question", "answer"))
-    if task == "dolly":
-        rows = _jsonl(
-            _require(root / "dolly" / "databricks-dolly-15k.jsonl", task), ("instruction", "context", "response", "category")
-        )
+    if task in ("dolly", "dolly_category"):
+        choices = {"category": DOLLY_CATEGORIES} if task == "dolly_category" else None
+        rows = _jsonl(_require(root / "dolly" / "databricks-dolly-15k.jsonl", task), _DOLLY_FIELDS, choices)
         return _dolly_split(rows, split)
     if task == "pubmedqa":
         return _pubmedqa_rows(root, split)
@@ -229,6 +245,7 @@ _HUB = {
     "rte": ("nyu-mll/glue", "rte"),
     "gsm8k": ("openai/gsm8k", "main"),
     "dolly": ("databricks/databricks-dolly-15k", None),
+    "dolly_category": ("databricks/databricks-dolly-15k", None),
     "pubmedqa": ("qiaojin/PubMedQA", "pqa_labeled"),
 }
 
@@ -255,9 +272,14 @@ def hub_rows(task: str, split: str) -> list[dict]:
     if task == "gsm8k":
         ds = _hub_load(task, path, config, "train" if split == "train" else "test")
         return [{"question": r["question"], "answer": r["answer"]} for r in ds]
-    if task == "dolly":
-        ds = _hub_load(task, path, config, "train")
-        return _dolly_split([{k: r[k] for k in ("instruction", "context", "response", "category")} for r in ds], split)
+    if task in ("dolly", "dolly_category"):
+        rows = [{k: r[k] for k in _DOLLY_FIELDS} for r in _hub_load(task, path, config, "train")]
+        unknown = (i for i, row in enumerate(rows) if row["category"] not in DOLLY_CATEGORIES)
+        if task == "dolly_category" and (i := next(unknown, None)) is not None:
+            raise DataError(
+                f"Hub dataset {path}, row {i}: category {rows[i]['category']!r}, expected one of {', '.join(DOLLY_CATEGORIES)}"
+            )
+        return _dolly_split(rows, split)
     ds = sorted(_hub_load(task, path, config, "train"), key=lambda r: int(r["pubid"]))
     rows = [
         {"question": r["question"], "contexts": list(r["context"]["contexts"]), "final_decision": r["final_decision"]}

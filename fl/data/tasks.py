@@ -1,9 +1,11 @@
-"""The seven built-in tasks: what kind each is, how a raw row becomes an example, and which metric scores it
+"""The eight built-in tasks: what kind each is, how a raw row becomes an example, and which metric scores it
 (a task of the user's own files, ``CUSTOM``, is built from the config: ``fl.data.custom``).
 
 An example is a dict. Classification: ``text``, ``text_pair`` (or None), ``label`` (int).
 Generation: ``prompt``, ``target`` (what the model learns to continue with), ``reference`` (what the
-metric compares against), plus ``label`` (PubMedQA) or ``category`` (Dolly) for partitioning.
+metric compares against), plus ``label`` (PubMedQA) or ``category`` (Dolly) for partitioning. Dolly's
+instructions classified into their eight categories (``dolly_category``) keep ``category`` too, so they can be
+partitioned by category as well as by label.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .metrics import final_number
-from .sources import PUBMEDQA_DECISIONS
+from .sources import DOLLY_CATEGORIES, PUBMEDQA_DECISIONS
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,16 @@ def _dolly(row: dict) -> dict:
     }
 
 
+def _dolly_category(row: dict) -> dict:
+    """The instruction, with its context (often empty) as the second segment; the category is the class."""
+    return {
+        "text": row["instruction"],
+        "text_pair": row["context"] or None,
+        "label": DOLLY_CATEGORIES.index(row["category"]),
+        "category": row["category"],
+    }
+
+
 def _pubmedqa(row: dict) -> dict:
     return {
         "prompt": f"Context: {' '.join(row['contexts'])}\nQuestion: {row['question']}\nAnswer (yes, no or maybe):",
@@ -71,6 +83,7 @@ TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "classification", "accuracy", _single, num_labels=2),
     "mrpc": TaskSpec("mrpc", "classification", "f1", _pair, num_labels=2, also=("accuracy",)),
     "rte": TaskSpec("rte", "classification", "accuracy", _pair, num_labels=2),
+    "dolly_category": TaskSpec("dolly_category", "classification", "accuracy", _dolly_category, num_labels=len(DOLLY_CATEGORIES)),
     "gsm8k": TaskSpec("gsm8k", "generation", "exact_match", _gsm8k, max_new_tokens=256),
     "dolly": TaskSpec("dolly", "generation", "rouge_l", _dolly, max_new_tokens=128),
     "pubmedqa": TaskSpec("pubmedqa", "generation", "accuracy", _pubmedqa, max_new_tokens=4),

@@ -9,6 +9,7 @@ from helpers import DATA, needs_data
 from fed_plora.fl.data import DATA_DIR_ENV, TASKS, DataError, load_examples, resolve_data_dir
 from fed_plora.fl.data.metrics import f1_binary, final_number, lcs_length, matthews_corrcoef, rouge_l, score
 from fed_plora.fl.data.partition import assign_ranks, by_category, dirichlet, iid, partition, sample_clients
+from fed_plora.fl.data.sources import DOLLY_CATEGORIES
 from fed_plora.fl.data.tokenize import collate, encode_generation_eval, encode_generation_train
 
 EXPECTED = {  # (train rows, eval rows) of the offline copies
@@ -19,6 +20,7 @@ EXPECTED = {  # (train rows, eval rows) of the offline copies
     "gsm8k": (7473, 1319),
     "dolly": (14260, 751),
     "pubmedqa": (500, 500),
+    "dolly_category": (14260, 751),
 }
 
 
@@ -42,6 +44,10 @@ def test_task_specific_fields():
     assert load_examples("mrpc", "train", DATA)[0]["text"].startswith("Amrozi")  # BOM stripped
     assert {e["reference"] for e in load_examples("pubmedqa", "eval", DATA)} == {"yes", "no", "maybe"}
     assert len({e["category"] for e in load_examples("dolly", "train", DATA)}) == 8
+    classified = load_examples("dolly_category", "eval", DATA)
+    generated = load_examples("dolly", "eval", DATA)
+    assert [DOLLY_CATEGORIES[e["label"]] for e in classified] == [e["category"] for e in generated]  # the same rows
+    assert all((e["text_pair"] is None) == ("Context:" not in g["prompt"]) for e, g in zip(classified, generated))
 
 
 def test_errors_name_the_missing_file_or_task(tmp_path, monkeypatch):
@@ -129,6 +135,13 @@ BAD_FILES = [
         "dolly/databricks-dolly-15k.jsonl",
         '{"instruction": "i", "context": "", "response": "r"}\n',
         r"line 1, field 'category': expected a string, got missing",
+    ),
+    (
+        "dolly_category",
+        "dolly/databricks-dolly-15k.jsonl",
+        '{"instruction": "i", "context": "", "response": "r", "category": "open_qa"}\n'
+        '{"instruction": "i", "context": "", "response": "r", "category": "poetry"}\n',
+        r"line 2, field 'category': expected one of brainstorming, classification, .*summarization, got 'poetry'",
     ),
     (
         "pubmedqa",
@@ -268,6 +281,9 @@ def test_hub_rows_are_normalised_like_local_rows(monkeypatch):
     canned = {
         ("nyu-mll/glue", "rte", "validation"): [{"sentence1": "a", "sentence2": "b", "label": 1, "idx": 0}],
         ("openai/gsm8k", "main", "test"): [{"question": "q", "answer": "x\n#### 5"}],
+        ("databricks/databricks-dolly-15k", None, "train"): [
+            {"instruction": f"i{i}", "context": "c" if i else "", "response": "r", "category": "summarization"} for i in range(21)
+        ],
         ("qiaojin/PubMedQA", "pqa_labeled", "train"): [
             {"pubid": 2, "question": "q2", "context": {"contexts": ["c2"]}, "final_decision": "no"},
             {"pubid": 1, "question": "q1", "context": {"contexts": ["c1"]}, "final_decision": "yes"},
@@ -283,6 +299,17 @@ def test_hub_rows_are_normalised_like_local_rows(monkeypatch):
     assert hub_rows("rte", "eval") == [{"sentence1": "a", "sentence2": "b", "label": 1}]
     assert hub_rows("gsm8k", "eval") == [{"question": "q", "answer": "x\n#### 5"}]
     assert hub_rows("pubmedqa", "eval") == [{"question": "q2", "contexts": ["c2"], "final_decision": "no"}]
+    assert [r["instruction"] for r in hub_rows("dolly_category", "eval")] == ["i0", "i20"]  # every 20th row, as local
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert load_examples("dolly_category", "eval")[0] == {
+        "text": "i0",
+        "text_pair": None,
+        "label": DOLLY_CATEGORIES.index("summarization"),
+        "category": "summarization",
+    }
+    canned[("databricks/databricks-dolly-15k", None, "train")][3]["category"] = "poetry"
+    with pytest.raises(DataError, match=r"databricks-dolly-15k, row 3: category 'poetry', expected one of brainstorming"):
+        hub_rows("dolly_category", "train")
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     assert load_examples("gsm8k", "eval")[0]["reference"] == "5"  # no data dir: the Hub
     assert calls[-1] == ("openai/gsm8k", "main", "test")
