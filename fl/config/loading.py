@@ -60,6 +60,7 @@ ADDED = {
     "privacy.target_epsilon": None,
     "privacy.delta": None,
     "privacy.min_holders": 1,
+    "privacy.randomness": "seeded",
     "federation.partition_args": [],
 }
 

@@ -10,7 +10,7 @@ import numpy as np
 from ..data.partition import sample_clients
 from ..privacy.accounting import epsilon, noise_for_epsilon
 from ..strategies import strategy_class
-from .rules import integer, number, setting
+from .rules import choice, integer, number, setting
 
 
 @dataclass
@@ -30,6 +30,13 @@ class PrivacySection:
     )
     delta: float | None = setting(None, number(0, 1, low_open=True, high_open=True, optional=True), "the δ of ε(δ)")
     min_holders: int = setting(1, integer(1), "a module trained by fewer of a round's clients keeps its value")
+    randomness: str = setting(
+        "seeded",
+        choice(("seeded", "secret")),
+        'where the noise and each round\'s client sample come from: "seeded", the run seed (reproducible, for '
+        'experiments: anyone with the config can subtract the noise); "secret", the operating system\'s entropy '
+        "(a deployment; a run does not reproduce)",
+    )
 
 
 def sample_size(config) -> int:
@@ -56,6 +63,8 @@ def privacy_checks(config):
                 yield f"privacy.{key} = {getattr(privacy, key)!r}: privacy is off (privacy.clip is unset)"
         if privacy.min_holders != 1:
             yield f"privacy.min_holders = {privacy.min_holders}: privacy is off (privacy.clip is unset)"
+        if privacy.randomness != "seeded":
+            yield f"privacy.randomness = {privacy.randomness!r}: privacy is off (privacy.clip is unset)"
         return
     if fed.weighting != "uniform":
         yield f"federation.weighting = {fed.weighting!r}: privacy needs 'uniform' (a data-size weight is the client's own data)"

@@ -23,6 +23,7 @@ itself, the protocol sums them, and the server checks what a sum shows (``check_
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,8 +47,11 @@ class PrivacyParams:
     min_holders: int = 1
 
 
-def noise_generator(seed: int, rnd: int) -> torch.Generator:
-    """The CPU generator of round ``rnd``'s noise in a run seeded ``seed`` (reproducible, resume-safe)."""
+def noise_generator(seed: int | None, rnd: int) -> torch.Generator:
+    """The CPU generator of round ``rnd``'s noise: in a run seeded ``seed``, from that seed (reproducible,
+    resume-safe); with ``seed`` None, seeded from 64 bits of the operating system's entropy (secret)."""
+    if seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(64))
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rnd, NOISE_STREAM]).generate_state(1)[0]))
 
 

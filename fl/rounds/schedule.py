@@ -5,6 +5,7 @@ rounds are evaluated."""
 from __future__ import annotations
 
 import math
+import secrets
 
 import numpy as np
 
@@ -13,9 +14,13 @@ from ..data.partition import sample_clients
 
 
 def round_clients(config: Config, rnd: int) -> list[int]:
-    """The clients sampled in round ``rnd`` (0-based): ``federation.fraction`` of them, drawn by the run seed."""
+    """The clients sampled in round ``rnd`` (0-based): ``federation.fraction`` of them, drawn by the run seed,
+    or under ``privacy.randomness = "secret"`` from the operating system's entropy (the privacy accounting
+    takes the sample to be unknown)."""
     fcfg = config.federation
-    return sample_clients(fcfg.clients, fcfg.fraction, np.random.default_rng([config.run.seed, rnd]))
+    secret = config.privacy.randomness == "secret"
+    rng = np.random.default_rng(secrets.randbits(128) if secret else [config.run.seed, rnd])
+    return sample_clients(fcfg.clients, fcfg.fraction, rng)
 
 
 def is_evaluated(config: Config, rnd: int) -> bool:

@@ -122,6 +122,8 @@ class Server:
         self.privacy = None
         if private.clip is not None:
             self.privacy = PrivacyParams(private.clip, noise_multiplier(config), private.min_holders)
+        #: The seed of the privacy noise: the run's, or None (secret, ``privacy.randomness``).
+        self.noise_seed = None if private.randomness == "secret" else config.run.seed
         if resume is not None:
             strategy.load_state(resume.tensors, resume.meta)
             self.records = list(resume.records)
@@ -187,7 +189,7 @@ class Server:
             accepted = []
         aggregated, private = None, {}
         if accepted:
-            generator = noise_generator(self.config.run.seed, planned.rnd)
+            generator = noise_generator(self.noise_seed, planned.rnd)
             aggregated, private = apply_sums(self.strategy, planned.rnd, planned.plans, sums, self.privacy, generator)
             self.on_aggregated(aggregated)
         private["dp_epsilon"] = self.epsilon_spent(planned.rnd)
@@ -232,7 +234,7 @@ class Server:
         if self.privacy is None:
             aggregated, fields = (self.strategy.aggregate(planned.rnd, updates) if updates else None), {}
         else:
-            generator = noise_generator(self.config.run.seed, planned.rnd)
+            generator = noise_generator(self.noise_seed, planned.rnd)
             aggregated, fields = aggregate_sums(self.strategy, planned.rnd, planned.plans, updates, self.privacy, generator)
             fields["dp_epsilon"] = self.epsilon_spent(planned.rnd)
         if aggregated is not None:

@@ -18,6 +18,7 @@ from fed_plora.fl.privacy.mechanism import (
     noise_generator,
     round_sums,
 )
+from fed_plora.fl.rounds.schedule import round_clients
 from fed_plora.fl.storage import read_jsonl
 from fed_plora.fl.strategies import ClientUpdate, Factors, build_strategy
 
@@ -168,6 +169,22 @@ def test_the_noise_is_seeded_by_run_and_round():
     assert not torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[3])
 
 
+def test_secret_randomness_draws_noise_and_samples_no_seed_repeats():
+    """``privacy.randomness = "secret"``: the noise generator and the round's client sample come from the
+    operating system's entropy, so the same run seed and round draw anew each time; "seeded" repeats."""
+    assert not torch.equal(
+        torch.randn(64, generator=noise_generator(None, 1)), torch.randn(64, generator=noise_generator(None, 1))
+    )
+    seeded, secret = load_config(None, PRIVATE), load_config(None, [*PRIVATE, 'privacy.randomness="secret"'])
+    samples = {
+        name: [[round_clients(c, rnd) for rnd in range(20)] for _ in range(2)]
+        for name, c in (("seeded", seeded), ("secret", secret))
+    }
+    assert samples["seeded"][0] == samples["seeded"][1]
+    assert samples["secret"][0] != samples["secret"][1]  # equal with probability 252^-20
+    assert all(len(set(s)) == 5 for s in samples["secret"][0])
+
+
 # accounting ---------------------------------------------------------------------------------------------
 
 
@@ -252,6 +269,10 @@ def test_a_refused_private_config_names_the_field(overrides, named):
 def test_privacy_fields_need_clip_and_clip_needs_delta_and_a_noise():
     with pytest.raises(ConfigError, match=r"privacy.noise_multiplier = 1.0: privacy is off \(privacy.clip is unset\)"):
         load_config(None, ["privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match=r"privacy.randomness = 'secret': privacy is off \(privacy.clip is unset\)"):
+        load_config(None, ['privacy.randomness="secret"'])
+    with pytest.raises(ConfigError, match=r"privacy.randomness = 'random': must be one of seeded, secret"):
+        load_config(None, [*PRIVATE, 'privacy.randomness="random"'])
     with pytest.raises(ConfigError, match="privacy.delta: needed"):
         load_config(
             None,
@@ -292,6 +313,9 @@ def test_a_private_run_records_its_epsilon_and_privacy_off_changes_nothing(tiny_
         assert all(r["dp_clipped"] == 2 for r in mine)  # two clients a round, each far beyond 1e-5
         assert all(r["bytes_up_sum_bf16"] > r["bytes_up_bf16"] for r in mine if r["ranks"] != [4, 4])
     assert "| ε |" in (run / "summary.md").read_text()
+    private.privacy.randomness = "secret"  # the same run, its noise and samples secret: the same ε per round
+    secret = read_jsonl(simulated(private, "secret") / "metrics.jsonl")
+    assert [r["dp_epsilon"] for r in secret] == [r["dp_epsilon"] for r in records]
     plain = tiny_config(tiny_models, tmp_path, methods, 'federation.weighting="uniform"')
     off = read_jsonl(simulated(plain, "off") / "metrics.jsonl")
     assert not any(k.startswith("dp_") or k == "bytes_up_sum_bf16" for r in off for k in r)
