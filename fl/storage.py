@@ -143,13 +143,22 @@ def ensure_directory(path: Path) -> Path:
     return path
 
 
+#: The file a directory's lock is held on (``exclusive_lock``).
+LOCK_FILE = ".lock"
+
+
 @contextmanager
 def exclusive_lock(directory: Path, user: str) -> Iterator[None]:
-    """Hold ``directory``'s lock (its file ``.lock``, an advisory ``flock`` the system releases when the
-    process ends, even killed) while the block runs; ``InUseError`` naming ``user`` (what takes it, e.g.
-    "fed-plora study") when another process holds it."""
+    """Hold ``directory``'s lock while the block runs: an advisory ``flock`` on its file ``.lock``, opened for
+    writing (so that it also excludes across machines on NFS) and released by the system when the process
+    ends, even killed. ``InUseError`` naming ``user`` (what takes it, e.g. "fed-plora study") when another
+    process holds it. The directory (and its parents) is made where missing; if the block leaves what was
+    made holding nothing but the lock file, both are removed: a refused or failed command leaves no trace."""
+    directory = Path(directory)
+    made = [p for p in (directory, *directory.parents) if not p.exists()]
     directory = ensure_directory(directory)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    lock = directory / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -158,6 +167,12 @@ def exclusive_lock(directory: Path, user: str) -> Iterator[None]:
     try:
         yield
     finally:
+        if made and [p.name for p in directory.iterdir()] == [LOCK_FILE]:  # removed while the lock is held
+            lock.unlink()
+            for path in made:  # the directory, then the parents made for it
+                if any(path.iterdir()):
+                    break
+                path.rmdir()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

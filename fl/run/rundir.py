@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import REFERENCES, Config, config_differences
 from ..rounds.checkpoint import LEGACY_FORMAT
 from ..storage import (
+    LOCK_FILE,
     FileFormatError,
     atomic_write,
     digest_json,
@@ -56,7 +57,7 @@ def existing_run_files(directory: Path, overwrite: bool) -> list[Path]:
     check_writable(directory)
     if not directory.exists():
         return []
-    entries = sorted(directory.iterdir())
+    entries = sorted(p for p in directory.iterdir() if p.name != LOCK_FILE)  # the lock: the run's own, held
     if all(_is_run_file(p, START_FILES) for p in entries):
         return entries  # nothing, or the start of a run killed before its first round: nothing is lost
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
