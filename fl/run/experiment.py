@@ -84,86 +84,89 @@ def run_experiment(
     some method, every client of every round failed or was rejected.
     """
     config.validate()
+    directory = Path(config.run.out_dir) / config.run.name
+    check_writable(directory)
+    with exclusive_lock(directory, "fed-plora run"):
+        return _run_locked(config, directory, command, progress, resume, rounds, overwrite)
+
+
+def _run_locked(
+    config: Config, directory: Path, command: str, progress: bool, resume: bool, rounds: Callable, overwrite: bool
+) -> tuple[Path, str]:
+    """``run_experiment``'s work once its run directory's lock is held."""
     device = pick_device(config.run.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda': no CUDA device is available (use 'auto' or 'cpu')")
     base_dtype, autocast_dtype = precision(config.model.precision, device)
-    directory = Path(config.run.out_dir) / config.run.name
-    check_writable(directory)
-    with exclusive_lock(directory, "fed-plora run"):
-        manifest, saved = None, {}
-        if resume:
-            manifest = verified_manifest(directory)
-            if manifest is not None:
-                check_same_config(
-                    manifest["config"], config_json(config, ""), "the config given", ignore=(*MAY_DIFFER, "command")
-                )
-        else:
-            existing = existing_run_files(directory, overwrite)
-        tokenizer = _tokenizer(config)
-        fed, fingerprint = federation_and_fingerprint(config, tokenizer)
-        _check_injection(config, fed.task)
-        first_model = [_tried_model(config, fed, tokenizer, device, base_dtype, autocast_dtype)]
-        clients = client_summary(fed)
-        if resume:
-            run_id = manifest["run"] if manifest is not None else None
-            saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in _rows(config)}
-            check_checkpoints(directory, config, manifest, saved)
-            check_resumed_data(directory, manifest, fingerprint, clients)
-        else:  # every check passed: now the run directory is written
-            if existing:
-                remove_run(directory, existing)
-            run_id = start_run(directory, config, command, clients, fingerprint)
-        writer = RunWriter(directory, [r for c in saved.values() if c is not None for r in c.records])
-        task = fed.task
-        model_args = (config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
-        results = {}
-        for method in config.methods.names:
-            checkpoint = saved.get(method)
-            if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
-                results[method] = checkpoint.records
-                continue
-            model = first_model.pop() if first_model else load_model(*model_args)
-            done = checkpoint.rounds_done if checkpoint else 0
-            bar = tqdm(total=config.federation.rounds, initial=done, desc=f"{method:>9}", disable=not progress, leave=True)
+    manifest, saved = None, {}
+    if resume:
+        manifest = verified_manifest(directory)
+        if manifest is not None:
+            check_same_config(manifest["config"], config_json(config, ""), "the config given", ignore=(*MAY_DIFFER, "command"))
+    else:
+        existing = existing_run_files(directory, overwrite)
+    tokenizer = _tokenizer(config)
+    fed, fingerprint = federation_and_fingerprint(config, tokenizer)
+    _check_injection(config, fed.task)
+    first_model = [_tried_model(config, fed, tokenizer, device, base_dtype, autocast_dtype)]
+    clients = client_summary(fed)
+    if resume:
+        run_id = manifest["run"] if manifest is not None else None
+        saved = {m: load_checkpoint(directory / "checkpoints", m, run_id) for m in _rows(config)}
+        check_checkpoints(directory, config, manifest, saved)
+        check_resumed_data(directory, manifest, fingerprint, clients)
+    else:  # every check passed: now the run directory is written
+        if existing:
+            remove_run(directory, existing)
+        run_id = start_run(directory, config, command, clients, fingerprint)
+    writer = RunWriter(directory, [r for c in saved.values() if c is not None for r in c.records])
+    task = fed.task
+    model_args = (config.model.name, task, tokenizer.pad_token_id, config.run.seed, device, base_dtype)
+    results = {}
+    for method in config.methods.names:
+        checkpoint = saved.get(method)
+        if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
+            results[method] = checkpoint.records
+            continue
+        model = first_model.pop() if first_model else load_model(*model_args)
+        done = checkpoint.rounds_done if checkpoint else 0
+        bar = tqdm(total=config.federation.rounds, initial=done, desc=f"{method:>9}", disable=not progress, leave=True)
 
-            def on_round(record: dict, bar: tqdm = bar) -> None:
-                writer.append(record)
-                shown = {"loss": record["train_loss"], task.metric: record.get(f"eval_{task.metric}")}
-                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})  # None: no update, no eval
-                bar.update()
+        def on_round(record: dict, bar: tqdm = bar) -> None:
+            writer.append(record)
+            shown = {"loss": record["train_loss"], task.metric: record.get(f"eval_{task.metric}")}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})  # None: no update, no eval
+            bar.update()
 
-            results[method] = rounds(
-                config,
-                method,
-                fed,
-                model,
-                tokenizer,
-                autocast_dtype,
-                on_round,
-                resume=checkpoint,
-                on_checkpoint=lambda c: save_checkpoint(writer.checkpoints, c, run_id),
-            )
-            bar.close()
-            del model
-        for name in reference_rows(config):  # all or nothing: a reference is checkpointed when it is done
-            checkpoint = saved.get(name)
-            if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
-                results[name] = checkpoint.records
-                continue
-            model = first_model.pop() if first_model else load_model(*model_args)
-            if progress:
-                tqdm.write(f"reference {name} ...")
-            results[name] = run_reference(config, name, fed, model, tokenizer, autocast_dtype)
-            save_checkpoint(
-                writer.checkpoints, Checkpoint(name, len(results[name]), {}, {}, capture_rng(), results[name]), run_id
-            )
-            for record in results[name]:
-                writer.append(record)
-            del model
-        table = writer.finish(results, task.metric, command)
-        _raise_if_all_failed(config, {m: results[m] for m in config.methods.names}, writer.dir, table)
-        return writer.dir, table
+        results[method] = rounds(
+            config,
+            method,
+            fed,
+            model,
+            tokenizer,
+            autocast_dtype,
+            on_round,
+            resume=checkpoint,
+            on_checkpoint=lambda c: save_checkpoint(writer.checkpoints, c, run_id),
+        )
+        bar.close()
+        del model
+    for name in reference_rows(config):  # all or nothing: a reference is checkpointed when it is done
+        checkpoint = saved.get(name)
+        if checkpoint is not None and checkpoint.rounds_done >= config.federation.rounds:
+            results[name] = checkpoint.records
+            continue
+        model = first_model.pop() if first_model else load_model(*model_args)
+        if progress:
+            tqdm.write(f"reference {name} ...")
+        results[name] = run_reference(config, name, fed, model, tokenizer, autocast_dtype)
+        save_checkpoint(writer.checkpoints, Checkpoint(name, len(results[name]), {}, {}, capture_rng(), results[name]), run_id)
+        for record in results[name]:
+            writer.append(record)
+        del model
+    table = writer.finish(results, task.metric, command)
+    _raise_if_all_failed(config, {m: results[m] for m in config.methods.names}, writer.dir, table)
+    return writer.dir, table
 
 
 def _rows(config: Config) -> list[str]:
